@@ -19,7 +19,9 @@ Three ways to run it:
 """
 
 import math
-from dataclasses import dataclass
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -170,10 +172,9 @@ class KVCache:
         self.valid[layer][:, :T] = arange[None, :] < lengths[:, None]  # (B, T)
         self.fill[layer] = lengths.clone()
 
-    def begin_step(self, active):
-        """Choose the slot every row writes its next token to; rows not `active` write nothing."""
+    def begin_step(self):
+        """Choose the slot every row writes its next token to: its own next free slot."""
         self._grow(max(self.span(l) for l in range(self.n_layer)) + 1)
-        self._active = active
         self._slots = [f.clone() for f in self.fill]
 
     def append(self, layer, k, v):
@@ -183,25 +184,30 @@ class KVCache:
         self.k[layer][rows, :, slots] = k[:, :, 0]
         self.v[layer][rows, :, slots] = v[:, :, 0]
         self.pos[layer][rows, slots] = self.next_pos
-        self.valid[layer][rows, slots] = self._active
+        self.valid[layer][rows, slots] = True
         if self.track_attention:
             self.attn_sum[layer][rows, slots] = 0.0
 
+    def push_query(self, layer, q):
+        """Add one token's rotated query (B, H, 1, D) to the recent window."""
+        self.q_recent[layer] = torch.cat([self.q_recent[layer][:, :, 1:], q], dim=2)  # (B, H, W, D)
+        if layer == self.n_layer - 1:
+            self.q_pos = torch.cat([self.q_pos[:, 1:], self.next_pos[:, None]], dim=1)  # (B, W)
+
     def end_step(self):
-        """Advance every active row by one token in every layer."""
-        step = self._active.long()
+        """Advance every row by one token in every layer."""
         for l in range(self.n_layer):
-            self.fill[l] = self.fill[l] + step
-        self.next_pos = self.next_pos + step
+            self.fill[l] = self.fill[l] + 1
+        self.next_pos = self.next_pos + 1
         self._slots = None
 
-    def push_query(self, layer, q, active):
-        """Add one token's rotated query (B, H, 1, D) to the recent window of each active row."""
-        shifted = torch.cat([self.q_recent[layer][:, :, 1:], q], dim=2)  # (B, H, W, D)
-        self.q_recent[layer] = torch.where(active[:, None, None, None], shifted, self.q_recent[layer])
-        if layer == self.n_layer - 1:
-            shifted_pos = torch.cat([self.q_pos[:, 1:], self.next_pos[:, None]], dim=1)  # (B, W)
-            self.q_pos = torch.where(active[:, None], shifted_pos, self.q_pos)
+    def keep_rows(self, rows):
+        """Drop every row not in rows (R,), e.g. rows that finished; the kept rows are renumbered 0..R-1."""
+        per_layer = ["k", "v", "pos", "valid", "fill", "q_recent"] + (["attn_sum"] if self.track_attention else [])
+        for name in per_layer:
+            setattr(self, name, [t[rows] for t in getattr(self, name)])
+        self.q_pos, self.next_pos = self.q_pos[rows], self.next_pos[rows]
+        self.B = len(rows)
 
     # -- eviction -----------------------------------------------------------
 
@@ -340,8 +346,15 @@ class GPT(nn.Module):
 
     # -- full sequences -----------------------------------------------------
 
-    def forward(self, idx):
-        """Plain causal forward: logits (B, T, V) for token ids idx (B, T)."""
+    def forward(self, idx, visible=None):
+        """Plain causal forward: logits (B, T, V) for token ids idx (B, T).
+
+        With per-layer masks `visible`, this is `replay` instead (the training
+        step calls it through forward because DistributedDataParallel only
+        synchronises gradients of forward calls).
+        """
+        if visible is not None:
+            return self.replay(idx, visible)
         B, T = idx.shape
         positions = torch.arange(T, device=idx.device).expand(B, T)
         cos, sin = self._rope_at(positions)
@@ -406,28 +419,61 @@ class GPT(nn.Module):
         return logits[torch.arange(B, device=idx.device), lengths - 1]
 
     @torch.no_grad()
-    def decode(self, tokens, cache, active):
-        """Run one token per row, tokens (B,), through the cache; return logits (B, V).
-
-        Rows where active (B,) is false write nothing and do not advance.
-        """
-        B = tokens.shape[0]
+    def decode(self, tokens, cache):
+        """Run one token per row, tokens (B,), through the cache; return logits (B, V)."""
         positions = cache.next_pos[:, None]  # (B, 1)
         cos, sin = self._rope_at(positions)
-        cache.begin_step(active)
+        cache.begin_step()
 
         x = self.embed_tokens(tokens[:, None])  # (B, 1, C)
         for l, block in enumerate(self.layers):
             q, k, v = block.self_attn.project(block.input_layernorm(x), cos, sin)
             cache.append(l, k, v)
-            cache.push_query(l, q, active)
+            cache.push_query(l, q)
             S = cache.span(l) + 1
             mask = cache.valid[l][:, None, None, :S]  # (B, 1, 1, S)
             k_all, v_all = cache.k[l][:, :, :S], cache.v[l][:, :, :S]
             if cache.track_attention:
-                weights = attention_weights(q, k_all, mask)  # (B, H, 1, S)
-                cache.attn_sum[l][:, :S] += weights.mean(1)[:, 0] * active[:, None]
+                cache.attn_sum[l][:, :S] += attention_weights(q, k_all, mask).mean(1)[:, 0]  # (B, S)
             x = x + block.self_attn.attend(q, k_all, v_all, mask)
             x = x + block.mlp(block.post_attention_layernorm(x))
         cache.end_step()
         return self.lm_head(self.norm(x))[:, 0]
+
+
+# ---------------------------------------------------------------------------
+# Checkpoints
+
+
+
+def save_checkpoint(path, model, **extra):
+    """Write the model's weights and config plus `extra` (plain values and tensors) atomically.
+
+    The file is written under a temporary name and renamed, so a run killed
+    mid-write leaves the previous checkpoint intact.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    raw = getattr(model, "module", model)  # unwrap DistributedDataParallel
+    raw = getattr(raw, "_orig_mod", raw)  # unwrap torch.compile, so keys never carry "_orig_mod."
+    state = dict(model=raw.state_dict(), model_config=asdict(raw.config), **extra)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Load a checkpoint written by save_checkpoint; return (GPT, the whole checkpoint dict)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}; pass the path of a .pt file written by train.py")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # torch raises several types for truncated or foreign files
+        raise ValueError(f"checkpoint {path} is corrupt or not a checkpoint of this project ({error}); "
+                         "delete it and rerun, or pass another file") from error
+    if not isinstance(state, dict) or "model" not in state or "model_config" not in state:
+        raise ValueError(f"checkpoint {path} has no model weights or config; pass a file written by train.py")
+    model = GPT(GPTConfig(**state["model_config"]))
+    model.load_state_dict(state["model"])
+    return model, state

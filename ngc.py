@@ -55,8 +55,15 @@ class EvictionConfig:
 
 
 def n_keep_blocks(n_blocks, eps):
-    """Blocks a round keeps: ceil((1 - eps) * n_blocks), at least 1 for any non-empty layer."""
-    return torch.ceil((1.0 - eps) * n_blocks.double() - 1e-9).long()
+    """Blocks a round keeps: ceil((1 - eps) * n_blocks), at least 1 for any non-empty layer; eps may be per row.
+
+    The rate is rounded to 6 decimals first because a float32 rate is off in
+    the 8th decimal. For example, 0.7 is stored as 0.69999999, so 10 blocks
+    would keep ceil(3.0000001) = 4 in place of 3.
+    """
+    eps = torch.round(torch.as_tensor(eps, dtype=torch.float64, device=n_blocks.device) * 1e6) / 1e6
+    n_keep = torch.ceil((1.0 - eps) * n_blocks.double() - 1e-9).long()
+    return torch.where(n_blocks > 0, n_keep.clamp(min=1), n_keep)  # a rate within 5e-7 of 1 rounds to 1
 
 
 def cache_bound(prompt_len, cfg):
@@ -190,14 +197,19 @@ def score_ngc(x):
 
 def score_streamingllm(x, n_sink=4):
     # StreamingLLM (Xiao et al., 2023): keep the first n_sink tokens (attention sinks) and the most recent ones.
-    recency = x.pos.float() / (x.pos.max() + 1).float()
+    latest = x.pos.masked_fill(~x.valid, 0).max(1, keepdim=True).values  # (R, 1) so a row scores the same alone or in a batch
+    recency = x.pos.float() / (latest + 1).float()
     return torch.where(x.pos < n_sink, 2.0, recency)
 
 
 def score_snapkv(x, kernel=7):
     # SnapKV (Li et al., 2024): attention of an observation window of recent queries, pooled over neighbouring keys.
-    scores = key_scores(x.q, x.q_pos, x.k, x.pos, x.valid)
-    pooled = F.avg_pool1d(scores[:, None], kernel, stride=1, padding=kernel // 2, count_include_pad=False)[:, 0]
+    scores = key_scores(x.q, x.q_pos, x.k, x.pos, x.valid)  # (R, S), 0 on dead slots
+    live = x.valid[:, None].to(scores.dtype)  # (R, 1, S)
+    # mean over the live neighbours only, so the dead slots past a short row's end do not dilute its last keys
+    window_sum = F.avg_pool1d(scores[:, None], kernel, stride=1, padding=kernel // 2, count_include_pad=True)
+    window_live = F.avg_pool1d(live, kernel, stride=1, padding=kernel // 2, count_include_pad=True)
+    pooled = (window_sum / window_live.clamp(min=1e-6))[:, 0]
     return pooled * x.valid
 
 
@@ -259,8 +271,12 @@ SCORERS = {
 # One eviction round on a cache
 
 
-def evict(cache, rows, cfg, policy="ngc", greedy=False, generator=None, prompt_len=None):
+def evict(cache, rows, cfg, policy="ngc", greedy=False, generator=None, prompt_len=None, eps=None):
     """Run one eviction round in every layer for the rows `rows` (R,) of a KVCache.
+
+    prompt_len (R,) is the prompt length of each of those rows (the random
+    baseline keeps the prompt); eps (R,) gives each row its own rate, by
+    default cfg.eps.
 
     The learned policy samples its keep set (greedy: top-k); baselines keep
     the top-k blocks of their own scores. Returns one record per layer:
@@ -276,7 +292,7 @@ def evict(cache, rows, cfg, policy="ngc", greedy=False, generator=None, prompt_l
         x = ScoreInput(
             q=cache.q_recent[l][rows], q_pos=cache.q_pos[rows],
             k=cache.k[l][rows, :, :S], pos=cache.pos[l][rows, :S], valid=cache.valid[l][rows, :S],
-            prompt_len=prompt_len[rows] if prompt_len is not None else None,
+            prompt_len=prompt_len,
             attn_sum=cache.attn_sum[l][rows, :S] if cache.track_attention else None,
             generator=generator,
         )
@@ -284,7 +300,7 @@ def evict(cache, rows, cfg, policy="ngc", greedy=False, generator=None, prompt_l
         # score, pool into blocks, choose
         means, block, n_blocks = block_scores(scorer(x).float(), x.valid, cfg.block_size)
         logits = means / cfg.score_temperature
-        n_keep = torch.minimum(n_keep_blocks(n_blocks, cfg.eps), n_blocks)
+        n_keep = torch.minimum(n_keep_blocks(n_blocks, cfg.eps if eps is None else eps), n_blocks)
         order = sample_keep(logits, n_blocks, n_keep, generator, greedy=greedy or policy != "ngc")
         logp = plackett_luce_logprob(logits, order, n_blocks) if policy == "ngc" else torch.zeros(len(rows))
 

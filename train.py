@@ -1,0 +1,654 @@
+"""The main job: warm start, NGC reinforcement learning, and the results table.
+
+    python train.py --task countdown                  # the default CPU run
+    python train.py --task countdown --preset smoke   # a two-minute check
+    torchrun --nproc_per_node=2 train.py --task countdown --preset smoke
+
+Stages, each saved to its own checkpoint in --out and skipped on --resume
+once finished:
+1. warm   A GPT trained from scratch on solver search traces with a full
+          cache (next-token loss on the response only).
+2. ngc    Dr. GRPO from the warm start with eviction rounds in every rollout:
+          tokens and keep sets are both sampled actions, scored by the replay
+          forward, trained by the task reward alone. The eviction rate rises
+          along a staircase curriculum to its target.
+3. full   The same reinforcement learning with a full cache: the upper bound.
+4. eval   Every policy on held-out problems: results.json, results.md and
+          results.png (accuracy against peak KV cache size).
+
+Where this implementation departs from the paper:
+1. The paper starts from a pretrained reasoning model (DeepSeek-R1-Distill-
+   Qwen-1.5B). Here a small GPT is trained from scratch, so it first learns
+   to search from solver traces (as in Stream of Search, the paper's source
+   of Countdown) with a full cache. The eviction policy is never supervised.
+2. Everything is scaled down to run on a CPU: the model, the cadence and
+   block size, the group size, the number of steps and 3-number problems.
+   The values in use are printed at start-up and saved with the results.
+3. The loss is averaged over the rollouts of a step (a constant normaliser,
+   as Dr. GRPO asks); the paper does not state its normaliser.
+4. Evaluation decodes greedily, and the learned policy keeps its top-k
+   blocks instead of sampling them.
+5. The peak-KV reduction of every row is measured against the full-cache
+   upper-bound model on the same problems.
+"""
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import tasks
+from model import GPT, GPTConfig, load_checkpoint, save_checkpoint
+from ngc import SCORERS, EvictionConfig
+from rollout import SamplingConfig, evaluate, format_row, generate, replay
+
+TASKS = ("countdown",)
+ABLATIONS = ("none", "kv-dropout", "token-only")
+STAGES = ("warm", "ngc", "full")
+
+
+@dataclass
+class Config:
+    # run
+    task: str = "countdown"  # the task to train on
+    out: str = "out/countdown"  # output folder for checkpoints, logs and results
+    seed: int = 0  # seed of problems, initialisation and sampling
+    device: str = "auto"  # cpu, cuda, or auto (cuda when available)
+    dtype: str = "auto"  # float32 or bfloat16 (autocast); auto: bfloat16 on cuda, float32 on cpu
+    compile: bool = False  # torch.compile the training forward
+    resume: bool = False  # continue from the checkpoints in --out
+    wandb: bool = False  # log to Weights & Biases (needs the wandb package)
+    # task
+    n_numbers: int = 3  # input numbers per Countdown problem
+    max_number: int = 50  # input numbers are drawn from 1..max_number
+    max_target: int = 200  # targets are in 1..max_target
+    n_train_problems: int = 20000  # training pool (warm start and RL prompts)
+    # model
+    n_layer: int = 4  # transformer blocks
+    n_embd: int = 128  # width
+    n_head: int = 4  # query heads
+    n_kv_head: int = 2  # key/value heads
+    # warm start
+    warm_steps: int = 2500  # optimizer steps on search traces (at most)
+    warm_batch: int = 64  # traces per step
+    warm_lr: float = 3e-3  # peak learning rate (cosine decay after a linear warm-up)
+    warm_target: float = 0.6  # stop early once greedy dev accuracy reaches this share
+    warm_eval_every: int = 250  # steps between dev evaluations
+    # reinforcement learning
+    rl_steps: int = 100  # optimizer steps per RL stage
+    prompts_per_step: int = 8  # problems per step, each rolled out group_size times
+    group_size: int = 8  # rollouts per problem (G)
+    rl_lr: float = 1e-4  # AdamW learning rate
+    weight_decay: float = 0.0  # AdamW weight decay in RL
+    grad_clip: float = 1.0  # max global gradient norm
+    temperature: float = 1.0  # rollout sampling temperature
+    max_new_tokens: int = 256  # response length limit in tokens
+    max_bad_steps: int = 5  # stop after this many non-finite losses in a row
+    # eviction
+    delta: int = 16  # cadence in tokens
+    eps: float = 0.5  # target eviction rate
+    block_size: int = 8  # entries per block
+    window: int = 5  # recent queries that score the keys
+    curriculum_stages: int = 3  # staircase steps of the eviction rate up to eps
+    interoception: bool = False  # put the eviction rate in the prompt, sampled per group
+    ablation: str = "none"  # none, kv-dropout (plain causal update) or token-only (no eviction term)
+    # evaluation and bookkeeping
+    n_eval: int = 500  # held-out problems per evaluated policy
+    eval_eps: str = "0.6,0.7"  # stricter rates at which the NGC model is also evaluated
+    dev_problems: int = 200  # training-pool problems held back for warm-start early stopping
+    eval_every: int = 25  # RL steps between greedy dev evaluations
+    ckpt_every: int = 25  # steps between checkpoints
+    stop_after: int = 0  # exit after this many optimizer steps in this process, as if killed (tests resume); 0 = never
+
+
+PRESETS = {
+    "default": {},
+    "smoke": dict(
+        n_layer=2, n_embd=64, n_head=4, n_kv_head=2, n_train_problems=600, dev_problems=32,
+        warm_steps=40, warm_batch=32, warm_eval_every=20, warm_target=1.0,
+        rl_steps=2, prompts_per_step=4, group_size=4, max_new_tokens=96,
+        n_eval=16, eval_eps="0.7", eval_every=1, ckpt_every=1,
+    ),
+}
+
+
+def parse_args(argv=None):
+    """Build the command line from Config: one flag per field, help from the field comments."""
+    comments = _field_comments()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", default="default", help=f"starting values: {', '.join(PRESETS)}")
+    for f in fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type is bool or isinstance(f.default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=comments.get(f.name))
+        else:
+            parser.add_argument(flag, type=type(f.default), default=None, help=comments.get(f.name))
+    args = parser.parse_args(argv)
+
+    if args.preset not in PRESETS:
+        parser.error(f"unknown --preset {args.preset!r}; choose one of: {', '.join(PRESETS)}")
+    if args.task is not None and args.task not in TASKS:
+        parser.error(f"unknown --task {args.task!r}; valid tasks: {', '.join(TASKS)}")
+    if args.ablation is not None and args.ablation not in ABLATIONS:
+        parser.error(f"unknown --ablation {args.ablation!r}; choose one of: {', '.join(ABLATIONS)}")
+    values = {**PRESETS[args.preset], **{k: v for k, v in vars(args).items() if v is not None and k != "preset"}}
+    cfg = Config(**values)
+    try:
+        validate(cfg)
+    except ValueError as error:
+        parser.error(str(error))
+    return cfg, args.preset
+
+
+def _field_comments():
+    """Map each Config field to the comment on its line, for --help."""
+    import inspect
+    comments = {}
+    for line in inspect.getsource(Config).splitlines():
+        name, _, rest = line.strip().partition(":")
+        if "#" in rest:
+            comments[name] = rest.split("#", 1)[1].strip()
+    return comments
+
+
+def validate(cfg):
+    """Raise ValueError naming the first invalid setting."""
+    EvictionConfig(cfg.delta, cfg.eps, cfg.block_size, cfg.window)
+    SamplingConfig(cfg.max_new_tokens, cfg.temperature)
+    GPTConfig(vocab_size=tasks.VOCAB_SIZE, n_layer=cfg.n_layer, n_head=cfg.n_head, n_kv_head=cfg.n_kv_head, n_embd=cfg.n_embd)
+    for name in ("warm_batch", "rl_steps", "prompts_per_step", "n_eval", "curriculum_stages", "ckpt_every", "eval_every"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"invalid {name}={getattr(cfg, name)}: it must be at least 1")
+    if cfg.group_size < 2:
+        raise ValueError(f"invalid group_size={cfg.group_size}: a group baseline needs at least 2 rollouts")
+    for rate in eval_rates(cfg):
+        EvictionConfig(eps=rate)
+    if cfg.dev_problems >= cfg.n_train_problems:
+        raise ValueError(f"dev_problems={cfg.dev_problems} leaves no training problems out of {cfg.n_train_problems}")
+
+
+def eval_rates(cfg):
+    try:
+        return [float(x) for x in cfg.eval_eps.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"invalid eval_eps={cfg.eval_eps!r}: give comma-separated rates such as 0.6,0.7") from None
+
+
+# ---------------------------------------------------------------------------
+# Plumbing: devices, processes, logging
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    dtype: torch.dtype
+    rank: int
+    world: int
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+
+
+def setup_runtime(cfg):
+    """Pick the device and dtype and join the process group when started by torchrun."""
+    if cfg.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(cfg.device)
+    if cfg.dtype == "auto":
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    else:
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(cfg.dtype)
+        if dtype is None:
+            raise SystemExit(f"unknown --dtype {cfg.dtype!r}; choose float32, bfloat16 or auto")
+    rank, world = 0, 1
+    if "WORLD_SIZE" in os.environ:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(device)
+    return Runtime(device, dtype, rank, world)
+
+
+class Logger:
+    """One line per step to stdout and log.jsonl; wandb only when asked for and installed."""
+
+    def __init__(self, cfg, rt):
+        self.active = rt.main
+        self.path = Path(cfg.out) / "log.jsonl"
+        self.wandb = None
+        if cfg.wandb and rt.main:
+            try:
+                import wandb
+                self.wandb = wandb.init(project="ngc", config=asdict(cfg))
+            except ImportError:
+                print("wandb is not installed; logging to log.jsonl only")
+
+    def step(self, stage, record):
+        if not self.active:
+            return
+        record = dict(stage=stage, **record)
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.wandb is not None:
+            self.wandb.log({f"{stage}/{k}": v for k, v in record.items() if isinstance(v, (int, float))})
+        shown = " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items() if k != "stage")
+        tqdm.write(f"[{stage}] {shown}")
+
+
+def all_mean(value, rt):
+    """Average a float over processes."""
+    if rt.world == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=rt.device)
+    dist.all_reduce(t)
+    return t.item() / rt.world
+
+
+# ---------------------------------------------------------------------------
+# Data
+
+
+def problem_pool(cfg):
+    """Training problems, the dev slice held back for early stopping, and held-out test problems."""
+    pool = tasks.make_problems(cfg.n_train_problems, seed=cfg.seed, split="train", n_numbers=cfg.n_numbers,
+                               max_number=cfg.max_number, max_target=cfg.max_target)
+    test = tasks.make_problems(cfg.n_eval, seed=cfg.seed, split="test", n_numbers=cfg.n_numbers,
+                               max_number=cfg.max_number, max_target=cfg.max_target)
+    return pool[cfg.dev_problems:], pool[:cfg.dev_problems], test
+
+
+def prompt_for(problem, cfg, eps):
+    return tasks.prompt_tokens(problem, eps if cfg.interoception else None)
+
+
+def warm_batch(examples, step, cfg, rt):
+    """Inputs, targets and a response-only loss mask for one warm-start step; the same step gives the same batch.
+
+    examples are sorted by length, and a batch is a random run of neighbours,
+    so rows need little padding.
+    """
+    rng = random.Random(f"{cfg.seed}:warm:{step}")
+    first = rng.randrange(len(examples) - cfg.warm_batch + 1)
+    seqs = examples[first:first + cfg.warm_batch][rt.rank::rt.world]
+    T = max(len(prompt) + len(trace) for prompt, trace in seqs)
+    idx = torch.zeros(len(seqs), T, dtype=torch.long)
+    loss_mask = torch.zeros(len(seqs), T, dtype=torch.bool)
+    for b, (prompt, trace) in enumerate(seqs):
+        idx[b, :len(prompt) + len(trace)] = torch.tensor(prompt + trace)
+        loss_mask[b, len(prompt) - 1:len(prompt) + len(trace) - 1] = True  # predict every trace token
+    return idx[:, :-1].to(rt.device), idx[:, 1:].to(rt.device), loss_mask[:, :-1].to(rt.device)
+
+
+# ---------------------------------------------------------------------------
+# Stages
+
+
+def curriculum_eps(step, cfg):
+    """Eviction rate at an RL step: a staircase of curriculum_stages levels up to cfg.eps.
+
+    Stage s holds eps * (s + 1) / S for the first 40% of its steps and blends
+    linearly into the next level over the remaining 60%; the last stage holds
+    the target.
+    """
+    S = cfg.curriculum_stages
+    length = cfg.rl_steps / S
+    s = min(int(step // length), S - 1)
+    level = cfg.eps * (s + 1) / S
+    into = step / length - s
+    if s == S - 1 or into < 0.4:
+        return level
+    return level + (cfg.eps / S) * (into - 0.4) / 0.6
+
+
+def dev_accuracy(model, problems, cfg, rt, policy="none", eps=0.0):
+    ecfg = EvictionConfig(cfg.delta, eps, cfg.block_size, cfg.window)
+    scfg = SamplingConfig(cfg.max_new_tokens, temperature=0.0)
+    with rt.autocast():
+        row = evaluate(model, problems, policy, ecfg, scfg, seed=cfg.seed, full_peaks=torch.ones(len(problems)),
+                       interoception=cfg.interoception)
+    return row["accuracy"]
+
+
+def make_optimizer(model, lr, weight_decay):
+    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
+
+
+def wrap(model, cfg, rt):
+    """The module the training step calls: compiled and/or DistributedDataParallel as configured."""
+    train_model = torch.compile(model) if cfg.compile else model
+    if rt.world > 1:
+        train_model = torch.nn.parallel.DistributedDataParallel(train_model)
+    return train_model
+
+
+def check_finite(loss, bad, cfg, logger, stage, step):
+    """Count non-finite losses in a row; stop the run after cfg.max_bad_steps of them."""
+    if torch.isfinite(loss):
+        return 0
+    bad += 1
+    logger.step(stage, dict(step=step, skipped=f"non-finite loss {loss.item()}", in_a_row=bad))
+    if bad >= cfg.max_bad_steps:
+        raise SystemExit(f"{bad} non-finite losses in a row at {stage} step {step}; lower the learning rate "
+                         f"(--warm-lr / --rl-lr) or --grad-clip and rerun with --resume")
+    return bad
+
+
+def run_warm(cfg, rt, logger, train, dev, budget):
+    """Stage 1: next-token training on search traces with a full cache."""
+    path = Path(cfg.out) / "warm.pt"
+    model, opt, step = start_stage(path, cfg, rt, None, cfg.warm_lr, 0.1)
+    if step is None:
+        return
+    examples = [(prompt_for(p, cfg, random.Random(i).choice(tasks.EPS_GRID)), tasks.encode(tasks.search_trace(p)))
+                for i, p in enumerate(train)]
+    kept = [(prompt, trace) for prompt, trace in examples if len(trace) <= cfg.max_new_tokens]
+    if rt.main:
+        print(f"warm start on {len(kept)} traces; {len(examples) - len(kept)} longer than max_new_tokens are left out")
+    examples = sorted(kept, key=lambda pair: len(pair[0]) + len(pair[1]))
+    if len(examples) < cfg.warm_batch:
+        raise SystemExit(f"only {len(examples)} warm-start traces fit max_new_tokens={cfg.max_new_tokens}; "
+                         f"raise --n-train-problems or --max-new-tokens, or lower --warm-batch")
+    train_model = wrap(model, cfg, rt)
+    warmup = min(100, cfg.warm_steps // 10 + 1)
+    bad, norm = 0, float("nan")
+    bar = tqdm(range(step, cfg.warm_steps), desc="warm start", disable=not rt.main, initial=step, total=cfg.warm_steps)
+    for step in bar:
+        lr = cfg.warm_lr * min(1.0, (step + 1) / warmup) * (0.55 + 0.45 * math.cos(math.pi * step / cfg.warm_steps))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        x, y, mask = warm_batch(examples, step, cfg, rt)
+        started = time.perf_counter()
+        with rt.autocast():
+            logits = train_model(x)
+        loss = F.cross_entropy(logits.float()[mask], y[mask])
+        bad = check_finite(loss, bad, cfg, logger, "warm", step)
+        opt.zero_grad(set_to_none=True)
+        if bad == 0:
+            loss.backward()
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+        done = step + 1
+        if done % 50 == 0 or done == cfg.warm_steps:
+            logger.step("warm", dict(step=f"{done}/{cfg.warm_steps}", loss=all_mean(loss.item(), rt),
+                                     grad_norm=float(norm), lr=lr, tokens_per_s=mask.sum().item() * rt.world / (time.perf_counter() - started)))
+        finished = done == cfg.warm_steps
+        if done % cfg.warm_eval_every == 0 and not finished:
+            acc = all_mean(dev_accuracy(model, dev[rt.rank::rt.world], cfg, rt), rt)
+            logger.step("warm", dict(step=f"{done}/{cfg.warm_steps}", dev_acc=acc))
+            finished = acc >= cfg.warm_target
+        if finished or done % cfg.ckpt_every == 0:
+            save_stage(path, model, opt, done, finished, cfg, rt)
+        if finished:
+            return
+        budget.tick()
+
+
+def run_rl(stage, cfg, rt, logger, train, dev, budget):
+    """Stages 2 and 3: Dr. GRPO with eviction rounds (stage "ngc") or with a full cache (stage "full")."""
+    path = Path(cfg.out) / f"{stage}.pt"
+    model, opt, step = start_stage(path, cfg, rt, Path(cfg.out) / "warm.pt", cfg.rl_lr, cfg.weight_decay)
+    if step is None:
+        return
+    train_model = wrap(model, cfg, rt)
+    scfg = SamplingConfig(cfg.max_new_tokens, cfg.temperature)
+    evicting = stage == "ngc"
+    eviction_term = evicting and cfg.ablation == "none"
+    bad, acc = 0, float("nan")
+    bar = tqdm(range(step, cfg.rl_steps), desc=f"rl {stage}", disable=not rt.main, initial=step, total=cfg.rl_steps)
+    for step in bar:
+        started = time.perf_counter()
+        rng = random.Random(f"{cfg.seed}:{stage}:{step}")
+        problems = [rng.choice(train) for _ in range(cfg.prompts_per_step)][rt.rank::rt.world]
+        target_eps = curriculum_eps(step, cfg) if evicting else 0.0
+        # with interoception each group draws its own rate from the grid up to the curriculum's
+        rates = [rng.choice([r for r in tasks.EPS_GRID if r <= target_eps + 1e-9]) if cfg.interoception else target_eps
+                 for _ in problems]
+        generator = torch.Generator(device=rt.device).manual_seed(rng.getrandbits(62) + rt.rank)
+
+        # rollouts: G per problem
+        rows = [(p, eps) for p, eps in zip(problems, rates) for _ in range(cfg.group_size)]
+        prompts = [prompt_for(p, cfg, eps) for p, eps in rows]
+        row_eps = torch.tensor([eps for _, eps in rows], device=rt.device)
+        ecfg = EvictionConfig(cfg.delta, max(rates), cfg.block_size, cfg.window)
+        with torch.no_grad(), rt.autocast():
+            traj = generate(model, prompts, tasks.STOP_ID, "ngc" if evicting else "none", ecfg, scfg, generator, row_eps)
+        reward = torch.tensor([tasks.countdown_reward(tasks.decode(traj.response(b)), list(p.numbers), p.target)
+                               for b, (p, _) in enumerate(rows)], device=rt.device)
+
+        # Dr. GRPO: advantage = reward minus the group mean, no std division, no KL term
+        grouped = reward.view(-1, cfg.group_size)
+        advantage = (grouped - grouped.mean(1, keepdim=True)).view(-1)  # (B,)
+        with rt.autocast():
+            token_lp, evict_lp = replay(train_model, traj, ecfg, scfg, masked=cfg.ablation != "kv-dropout")
+        objective = token_lp.float().sum(1) * advantage  # the stop token is in the sum, padding is 0
+        if eviction_term and evict_lp.numel():
+            L, B = evict_lp.shape[0], len(rows)
+            per_row = evict_lp.float().new_zeros(L, B).index_add(1, traj.round_row, evict_lp.float())  # (L, B)
+            per_row = per_row / traj.n_rounds.clamp(min=1)  # mean over the rollout's rounds
+            objective = objective + per_row.sum(0) * advantage  # summed over layers
+        loss = -objective.mean()  # a constant normaliser: the number of rollouts
+
+        # update, unless the loss is not finite
+        opt.zero_grad(set_to_none=True)
+        bad = check_finite(loss, bad, cfg, logger, stage, step)
+        if bad:
+            continue
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+
+        done = step + 1
+        if done % cfg.eval_every == 0 or done == cfg.rl_steps:
+            acc = all_mean(dev_accuracy(model, dev[rt.rank::rt.world], cfg, rt, "ngc-greedy" if evicting else "none",
+                                        target_eps), rt)
+        seconds = time.perf_counter() - started
+        logger.step(stage, dict(step=f"{done}/{cfg.rl_steps}", eps=target_eps, reward=all_mean(reward.mean().item(), rt),
+                                acc=acc, kv_peak=all_mean(traj.peak_total.float().mean().item(), rt),
+                                len=all_mean(traj.response_len.float().mean().item(), rt), loss=all_mean(loss.item(), rt),
+                                grad_norm=float(norm), tokens_per_s=int(traj.response_len.sum()) * rt.world / seconds))
+        finished = done == cfg.rl_steps
+        if finished or done % cfg.ckpt_every == 0:
+            save_stage(path, model, opt, done, finished, cfg, rt)
+        budget.tick()
+
+
+class StepBudget:
+    """Counts optimizer steps for --stop-after and exits as if killed when they run out."""
+
+    def __init__(self, steps):
+        self.left = steps or None
+
+    def tick(self):
+        if self.left is None:
+            return
+        self.left -= 1
+        if self.left == 0:
+            print("stopping early (--stop-after)")
+            sys.exit(0)
+
+
+# ---------------------------------------------------------------------------
+# Checkpoints
+
+
+def start_stage(path, cfg, rt, init_from, lr, weight_decay):
+    """Return (model, optimizer, first step) for a stage, or step None when it already finished."""
+    if cfg.resume and path.exists():
+        model, state = load_checkpoint(path, map_location=rt.device)
+        if state.get("done"):
+            if rt.main:
+                print(f"{path.name}: finished earlier, skipped")
+            return None, None, None
+        model.to(rt.device)
+        opt = make_optimizer(model, lr, weight_decay)
+        opt.load_state_dict(state["optimizer"])
+        if rt.main:
+            print(f"{path.name}: resuming at step {state['step']}")
+        return model, opt, state["step"]
+    if init_from is None:
+        torch.manual_seed(cfg.seed)
+        model = GPT(GPTConfig(vocab_size=tasks.VOCAB_SIZE, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                              n_kv_head=cfg.n_kv_head, n_embd=cfg.n_embd,
+                              max_seq_len=64 + cfg.max_new_tokens))
+        if rt.main:
+            print(f"model: {model.num_params() / 1e6:.2f}M parameters")
+    else:
+        model, _ = load_checkpoint(init_from)
+    model.to(rt.device)
+    return model, make_optimizer(model, lr, weight_decay), 0
+
+
+def save_stage(path, model, opt, step, done, cfg, rt):
+    if rt.main:
+        save_checkpoint(path, model, optimizer=opt.state_dict(), step=step, done=done, config=asdict(cfg))
+    if rt.world > 1:
+        dist.barrier()
+
+
+def check_out_dir(cfg):
+    """Refuse to mix runs: without --resume the output folder must hold no checkpoint; with it, the same config."""
+    out = Path(cfg.out)
+    existing = sorted(out.glob("*.pt"))
+    if existing and not cfg.resume:
+        raise SystemExit(f"{out} already holds checkpoints ({', '.join(p.name for p in existing)}); "
+                         "pass --resume to continue that run, or choose another --out")
+    for path in existing:
+        saved = load_checkpoint(path)[1].get("config", {})
+        ignore = {"resume", "stop_after", "device", "wandb", "n_eval", "eval_eps", "compile"}
+        changed = {k: (saved.get(k), v) for k, v in asdict(cfg).items() if k not in ignore and saved.get(k) != v}
+        if changed:
+            raise SystemExit(f"--resume with settings that differ from {path}: {changed}; use the original settings or another --out")
+
+
+# ---------------------------------------------------------------------------
+# Evaluation and results
+
+
+def run_eval(cfg, rt, test):
+    """Stage 4: every policy on the held-out problems; write results.json, results.md and results.png."""
+    out = Path(cfg.out)
+    ecfg = EvictionConfig(cfg.delta, cfg.eps, cfg.block_size, cfg.window)
+    scfg = SamplingConfig(cfg.max_new_tokens, temperature=0.0)
+    models = {name: load_checkpoint(out / f"{name}.pt", map_location=rt.device)[0].to(rt.device).eval()
+              for name in STAGES}
+    rows = []
+
+    def add(model_name, policy, eps, full_peaks):
+        e = EvictionConfig(cfg.delta, eps, cfg.block_size, cfg.window)
+        with rt.autocast():
+            row = evaluate(models[model_name], test, policy, e, scfg, seed=cfg.seed, full_peaks=full_peaks,
+                           interoception=cfg.interoception)
+        row["model"] = model_name
+        print(format_row(row))
+        rows.append(row)
+        return row
+
+    jobs = [("full", "none", 0.0), ("warm", "none", 0.0), ("ngc", "none", 0.0), ("ngc", "ngc-greedy", cfg.eps)]
+    jobs += [("ngc", "ngc-greedy", rate) for rate in eval_rates(cfg)]
+    baselines = [name for name in SCORERS if name != "ngc"]
+    jobs += [("full", name, cfg.eps) for name in baselines] + [("ngc", name, cfg.eps) for name in baselines]
+    reference = None
+    for model_name, policy, eps in tqdm(jobs, desc="evaluate"):
+        row = add(model_name, policy, eps, reference)
+        if reference is None:
+            reference = row["full_peaks"]  # every reduction is against the full-cache upper bound
+    for row in rows:
+        row.pop("full_peaks")
+        if row["name"] == "ngc-greedy":
+            row["name"] = "ngc"
+
+    results = dict(task=cfg.task, config=asdict(cfg), ecfg=asdict(ecfg), methods=rows)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    (out / "results.md").write_text(results_table(rows, cfg))
+    plot(rows, out / "results.png")
+    print((out / "results.md").read_text())
+
+
+def results_table(rows, cfg):
+    lines = [
+        f"Countdown ({cfg.n_numbers} numbers), {rows[0]['n_problems']} held-out problems, greedy decoding; "
+        f"cadence {cfg.delta}, block size {cfg.block_size}, window {cfg.window}.",
+        "Peak-KV reduction: per problem, the full-cache upper bound's peak over the method's peak, then the mean.",
+        "",
+        "| method | model | eps | accuracy | 95% CI | peak-KV reduction | mean peak KV (entries) | mean length |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        lines.append(f"| {r['name']} | {r['model']} | {r['eps']:.2f} | {100 * r['accuracy']:.1f}% | "
+                     f"{100 * r['ci95_low']:.1f}-{100 * r['ci95_high']:.1f} | {r['peak_kv_reduction']:.2f}x | "
+                     f"{r['mean_peak_kv']:.0f} | {r['mean_response_tokens']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows, path):
+    """Accuracy against mean peak KV cache size per method, if matplotlib is installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed; skipping results.png")
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in rows:
+        marker = "o" if r["model"] == "ngc" else "s" if r["model"] == "full" else "^"
+        ax.errorbar(r["mean_peak_kv"], 100 * r["accuracy"], fmt=marker,
+                    yerr=[[100 * (r["accuracy"] - r["ci95_low"])], [100 * (r["ci95_high"] - r["accuracy"])]], capsize=2)
+        ax.annotate(f"{r['name']} ({r['model']}, {r['eps']:.2f})", (r["mean_peak_kv"], 100 * r["accuracy"]), fontsize=6)
+    ax.set_xlabel("mean peak KV cache (entries, summed over layers)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title("Countdown: accuracy against peak KV cache")
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------
+
+
+def main(argv=None):
+    cfg, preset = parse_args(argv)
+    rt = setup_runtime(cfg)
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.out)
+    if rt.main:
+        check_out_dir(cfg)
+        out.mkdir(parents=True, exist_ok=True)
+        print(f"preset {preset}, {rt.world} process(es) on {rt.device}, {rt.dtype}")
+        for key, value in asdict(cfg).items():
+            print(f"  {key} = {value}")
+        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    if rt.world > 1:
+        dist.barrier()
+
+    logger = Logger(cfg, rt)
+    train, dev, test = problem_pool(cfg)
+    budget = StepBudget(cfg.stop_after)
+    run_warm(cfg, rt, logger, train, dev, budget)
+    for stage in ("ngc", "full"):
+        run_rl(stage, cfg, rt, logger, train, dev, budget)
+    if rt.main:
+        run_eval(cfg, rt, test)
+    if rt.world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
