@@ -138,7 +138,8 @@ def sample_keep(logits, n_blocks, n_keep, generator=None, greedy=False):
     perturbed = perturbed.masked_fill(~exists, -math.inf)
 
     K = max(int(n_keep.max()), 1)
-    order = perturbed.topk(K, dim=1).indices  # (N, K) ties keep the lower index first
+    # a stable sort, because torch.topk orders equal scores arbitrarily (baselines tie often)
+    order = torch.sort(perturbed, dim=1, descending=True, stable=True).indices[:, :K]  # (N, K) ties keep the lower index first
     in_keep = torch.arange(K, device=logits.device)[None, :] < n_keep[:, None]
     return torch.where(in_keep, order, -1)
 
@@ -302,7 +303,7 @@ def evict(cache, rows, cfg, policy="ngc", greedy=False, generator=None, prompt_l
         logits = means / cfg.score_temperature
         n_keep = torch.minimum(n_keep_blocks(n_blocks, cfg.eps if eps is None else eps), n_blocks)
         order = sample_keep(logits, n_blocks, n_keep, generator, greedy=greedy or policy != "ngc")
-        logp = plackett_luce_logprob(logits, order, n_blocks) if policy == "ngc" else torch.zeros(len(rows))
+        logp = plackett_luce_logprob(logits, order, n_blocks) if policy == "ngc" else logits.new_zeros(len(rows))
 
         # compact: keep the slots whose block was chosen
         keep = x.valid & kept_mask(order, means.shape[1]).gather(1, block.clamp(min=0))  # (R, S)
