@@ -89,7 +89,7 @@ class KVCache:
     Layout, for layer l (layers can hold different entries after eviction):
         k[l], v[l]   (B, Hkv, S, D)  rotated keys and values, slot-major
         pos[l]       (B, S) int64    absolute position each slot was written at
-        valid[l]     (B, S) bool     the slot holds a live entry
+        valid[l]     (B, S) bool     the slot contains a live entry
         fill[l]      (B,) int64      next free slot of each row
     Within a row, live slots are in position order: appends go to the row's
     own next free slot, and compaction keeps the order of what stays. Slots

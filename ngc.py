@@ -69,7 +69,7 @@ def n_keep_blocks(n_blocks, eps):
 def cache_bound(prompt_len, cfg):
     """Upper bound on a layer's live entries at any time, for a prompt of prompt_len tokens.
 
-    After a round a layer holds at most b * ceil((1 - eps) * ceil(n / b)) <=
+    After a round a layer keeps at most b * ceil((1 - eps) * ceil(n / b)) <=
     (1 - eps) * (n + b) + b entries, and delta more arrive before the next
     round, so the size just before a round never exceeds
     max(prompt, delta, (delta + (2 - eps) * b) / eps). With b dividing delta
@@ -179,7 +179,7 @@ def plackett_luce_logprob(logits, order, n_blocks):
 
 @dataclass
 class ScoreInput:
-    """What a scorer may look at for the R rows of one layer that are evicting."""
+    """Inputs a scorer may use, for the R rows of one layer that are evicting."""
 
     q: torch.Tensor  # (R, H, W, D) rotated recent queries
     q_pos: torch.Tensor  # (R, W) their positions, -1 for none

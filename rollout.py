@@ -307,7 +307,7 @@ def evaluate(model, problems, policy, ecfg, scfg, batch_size=64, seed=0, full_pe
 
 
 def format_row(row):
-    """One line summarising a results row."""
+    """Format a results row as one line."""
     return (f"{row['name']:<12} {row.get('model', ''):<10} eps {row['eps']:.2f} | acc {row['accuracy']:.3f} "
             f"[{row['ci95_low']:.3f}, {row['ci95_high']:.3f}] | kv reduction {row['peak_kv_reduction']:.2f}x | "
             f"peak kv {row['mean_peak_kv']:.0f} | len {row['mean_response_tokens']:.0f} | {row['tokens_per_s']:.0f} tok/s")
@@ -328,7 +328,12 @@ def show_evictions(traj, b, layer=None):
     count, L = evicted.sum(0), evicted.shape[0]
     pieces, state = [], 0  # state: 0 kept, 1 some layers, 2 all layers
     for t in range(end):
-        new = 2 if count[t] == L else 1 if count[t] > 0 else 0
+        if count[t] == L:
+            new = 2
+        elif count[t] > 0:
+            new = 1
+        else:
+            new = 0
         if new != state:
             pieces.append({1: "›", 2: "»"}.get(state, "") + {1: "‹", 2: "«"}.get(new, ""))
             state = new

@@ -9,9 +9,14 @@ tolerance of 1e-4.
 """
 
 import itertools
+import json
 import math
+import os
 import random
 import re
+import shutil
+import subprocess
+import sys
 import time
 from collections import Counter
 from fractions import Fraction
@@ -22,7 +27,7 @@ import torch
 import ngc
 import rollout
 import tasks
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, load_checkpoint, save_checkpoint
 from ngc import EvictionConfig
 from rollout import SamplingConfig
 
@@ -30,6 +35,7 @@ VOCAB = 40
 STOP = VOCAB - 1  # stop token of the rollouts
 NO_STOP = -1  # a stop id that no token matches, so every row runs to max_new_tokens
 TOL = 1e-4  # absolute tolerance of the float32 equivalence checks
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -1334,3 +1340,237 @@ def test_math_reward_fixture(tmp_path):
     responses = ["\\boxed{5}", "so it is \\boxed{024}", "\\boxed{\\dfrac{1}{2}}"]
     for record, response in zip(tasks.load_math_problems(path), responses):
         assert tasks.math_reward(response, record["answer"]) == 1.0, record
+
+
+# =============================================================================
+# Rollouts of the project's own model size: stopping, seeds, evaluation, command line
+
+
+def test_row_stopping_at_first_step():
+    """A row whose first token is the stop token records one log-prob and no rounds after its prompt."""
+    model = tiny_gpt(seed=3)
+    prompts = random_prompts([9, 5, 7], seeded(3))
+    ecfg = EvictionConfig(delta=4, eps=0.5, block_size=2, window=3)
+    scfg = SamplingConfig(max_new_tokens=20, temperature=0.0)
+    first = rollout.generate(model, prompts, NO_STOP, "none", ecfg, scfg)
+    stop_id = int(first.tokens[0, 9])  # row 0's greedy first token
+
+    traj, token_lp, _ = rollout_and_replay(model, prompts, ecfg, scfg, policy="ngc-greedy", stop_id=stop_id)
+
+    assert int(traj.response_len[0]) == 1
+    assert bool(traj.finished[0])
+    assert traj.logp[0, 0] != 0
+    assert torch.all(traj.logp[0, 1:] == 0)
+    assert torch.allclose(token_lp[0], traj.logp[0], atol=TOL)
+    rounds_of_row = traj.round_time[traj.round_row == 0]
+    assert torch.all(rounds_of_row <= 8)  # only the round right after the 9-token prompt
+
+
+def test_same_seed_same_trajectories():
+    model = tiny_gpt(seed=4)
+    prompts = random_prompts([6, 11, 3, 8], seeded(4))
+    ecfg = EvictionConfig(delta=4, eps=0.5, block_size=2, window=3)
+    scfg = SamplingConfig(max_new_tokens=24)
+    a = rollout.generate(model, prompts, STOP, "ngc", ecfg, scfg, seeded(7))
+    b = rollout.generate(model, prompts, STOP, "ngc", ecfg, scfg, seeded(7))
+    c = rollout.generate(model, prompts, STOP, "ngc", ecfg, scfg, seeded(8))
+    assert torch.equal(a.tokens, b.tokens)
+    assert torch.equal(a.evict_time, b.evict_time)
+    assert torch.equal(a.round_order, b.round_order)
+    assert not torch.equal(a.tokens, c.tokens)
+
+
+def tiny_checkpoint(path):
+    """Save a tiny random GPT over the Countdown vocabulary, as train.py would."""
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=tasks.VOCAB_SIZE, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, max_seq_len=128)
+    model = GPT(config)
+    save_checkpoint(path, model, config=dict(delta=8, block_size=4, window=3, max_new_tokens=40, n_numbers=3))
+    return model
+
+
+def test_evaluate_row_fields():
+    model = tiny_gpt_for_tasks()
+    problems = tasks.make_problems(6, seed=0, split="test")
+    ecfg = EvictionConfig(delta=8, eps=0.5, block_size=4, window=3)
+    scfg = SamplingConfig(max_new_tokens=30, temperature=0.0)
+    full = rollout.evaluate(model, problems, "none", ecfg, scfg, batch_size=4)
+    row = rollout.evaluate(model, problems, "snapkv", ecfg, scfg, batch_size=4, full_peaks=full["full_peaks"])
+
+    for key in ("name", "eps", "accuracy", "ci95_low", "ci95_high", "peak_kv_reduction", "mean_response_tokens", "n_problems"):
+        assert key in row
+    assert row["n_problems"] == 6
+    assert full["peak_kv_reduction"] == pytest.approx(1.0)
+    assert row["peak_kv_reduction"] > 1.0
+    assert row["max_peak_kv"] <= full["max_peak_kv"]
+    assert 0.0 <= row["ci95_low"] <= row["accuracy"] <= row["ci95_high"] <= 1.0
+
+
+def tiny_gpt_for_tasks():
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=tasks.VOCAB_SIZE, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, max_seq_len=128)
+    return GPT(config).eval()
+
+
+def test_wilson_interval_values():
+    low, high = rollout.wilson_interval(50, 100)
+    assert low == pytest.approx(0.4038, abs=1e-4)
+    assert high == pytest.approx(0.5962, abs=1e-4)
+    assert rollout.wilson_interval(0, 10)[0] == 0.0
+
+
+def test_rollout_cli_writes_json_row(tmp_path, capsys):
+    tiny_checkpoint(tmp_path / "tiny.pt")
+    rollout.main(["--ckpt", str(tmp_path / "tiny.pt"), "--policy", "h2o", "--eps", "0.5", "--n", "4",
+                  "--json", str(tmp_path / "row.json"), "--show", "1"])
+    row = json.loads((tmp_path / "row.json").read_text())
+    output = capsys.readouterr().out
+    assert row["name"] == "h2o"
+    assert row["n_problems"] == 4
+    assert row["delta"] == 8  # read from the checkpoint's config
+    assert "--- problem 0" in output
+    assert "«" in output  # evicted spans are marked
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--policy", "lru"], "choose one of: none, ngc, ngc-greedy"),
+    (["--eps", "1.5"], "invalid eps=1.5"),
+    (["--delta", "0"], "invalid delta=0"),
+    (["--temperature", "-1"], "invalid temperature=-1.0"),
+])
+def test_rollout_cli_rejects_bad_values(tmp_path, capsys, argv, expected):
+    tiny_checkpoint(tmp_path / "tiny.pt")
+    with pytest.raises(SystemExit):
+        rollout.main(["--ckpt", str(tmp_path / "tiny.pt"), "--n", "2"] + argv)
+    assert expected in capsys.readouterr().err
+
+
+def test_rollout_cli_missing_checkpoint(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        rollout.main(["--ckpt", str(tmp_path / "nope.pt")])
+    assert "checkpoint not found" in capsys.readouterr().err
+
+
+def test_corrupt_checkpoint_clear_error(tmp_path):
+    path = tmp_path / "broken.pt"
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="corrupt"):
+        load_checkpoint(path)
+
+
+def test_checkpoint_round_trip(tmp_path):
+    model = tiny_checkpoint(tmp_path / "tiny.pt")
+    loaded, state = load_checkpoint(tmp_path / "tiny.pt")
+    assert state["config"]["delta"] == 8
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert not list((tmp_path).glob("*.tmp"))  # the temporary file was renamed
+
+
+# =============================================================================
+# The training job, run as users run it
+
+
+def run_train(args, out, extra_env=None, timeout=600):
+    """Run train.py in a subprocess; return the completed process."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **(extra_env or {}))
+    return subprocess.run([sys.executable, "train.py", "--task", "countdown", "--preset", "smoke", "--out", str(out)] + args,
+                          cwd=HERE, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def logged_losses(out, stage):
+    """Map step number to loss for one stage of a run's log.jsonl."""
+    losses = {}
+    for line in (out / "log.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if record["stage"] == stage and "loss" in record:
+            losses[int(record["step"].split("/")[0])] = record["loss"]
+    return losses
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("smoke")
+    result = run_train([], out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, result
+
+
+def test_smoke_run_writes_results(smoke_run):
+    out, result = smoke_run
+    results = json.loads((out / "results.json").read_text())
+    assert results["task"] == "countdown"
+    assert results["config"]["eps"] == 0.5
+    names = {(row["name"], row["model"]) for row in results["methods"]}
+    assert ("none", "full") in names
+    assert ("ngc", "ngc") in names
+    assert all((name, "full") in names and (name, "ngc") in names for name in ngc.SCORERS if name != "ngc")
+    for row in results["methods"]:
+        for key in ("name", "model", "eps", "accuracy", "ci95_low", "ci95_high", "peak_kv_reduction",
+                    "mean_response_tokens", "n_problems"):
+            assert key in row
+    assert "| method | model | eps |" in (out / "results.md").read_text()
+    assert (out / "results.png").exists() or "matplotlib is not installed" in result.stdout
+
+
+def test_resume_matches_uninterrupted(smoke_run, tmp_path):
+    """Resuming after a kill gives the next step the loss an uninterrupted run logged."""
+    out, _ = smoke_run
+    warm_steps = 40  # the smoke preset's; its last step is logged
+    killed = run_train(["--stop-after", str(warm_steps - 1)], tmp_path)
+    assert killed.returncode == 0, killed.stderr[-3000:]
+    assert not (tmp_path / "results.json").exists()
+
+    resumed = run_train(["--resume", "--stop-after", "1"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"warm.pt: resuming at step {warm_steps - 1}" in resumed.stdout
+    expected = logged_losses(out, "warm")[warm_steps]
+    assert expected > 0
+    assert logged_losses(tmp_path, "warm")[warm_steps] == pytest.approx(expected, rel=1e-5)
+
+    again = run_train(["--resume", "--stop-after", "1"], tmp_path)
+    assert "warm.pt: finished earlier, skipped" in again.stdout
+
+
+@pytest.mark.parametrize("flags", [["--ablation", "kv-dropout"], ["--ablation", "token-only"], ["--interoception"]])
+def test_ablation_flags_train(tmp_path, flags):
+    warm_steps = 40  # the smoke preset's
+    result = run_train(flags + ["--stop-after", str(warm_steps + 1)], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    rl_steps = [r for r in records if r["stage"] == "ngc" and "loss" in r]
+    assert len(rl_steps) == 1
+    assert math.isfinite(rl_steps[0]["loss"])
+
+
+def test_rerun_without_resume_rejected(smoke_run):
+    out, _ = smoke_run
+    result = run_train([], out)
+    assert result.returncode != 0
+    assert "pass --resume" in result.stderr
+
+
+def test_resume_from_corrupt_checkpoint(tmp_path):
+    (tmp_path / "warm.pt").write_bytes(b"\x00garbage")
+    result = run_train(["--resume"], tmp_path)
+    assert result.returncode != 0
+    assert "corrupt" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_unknown_task_lists_valid(tmp_path):
+    result = subprocess.run([sys.executable, "train.py", "--task", "sudoku", "--out", str(tmp_path)],
+                            cwd=HERE, capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert "valid tasks: countdown" in result.stderr
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not installed")
+def test_torchrun_two_processes(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(["torchrun", "--standalone", "--nproc_per_node=2", "train.py", "--task", "countdown",
+                             "--preset", "smoke", "--out", str(tmp_path)],
+                            cwd=HERE, env=env, capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 process(es)" in result.stdout
+    assert (tmp_path / "results.json").exists()

@@ -79,23 +79,23 @@ class Config:
     n_head: int = 4  # query heads
     n_kv_head: int = 2  # key/value heads
     # warm start
-    warm_steps: int = 2500  # optimizer steps on search traces (at most)
+    warm_steps: int = 800  # optimizer steps on search traces (at most)
     warm_batch: int = 64  # traces per step
     warm_lr: float = 3e-3  # peak learning rate (cosine decay after a linear warm-up)
     warm_target: float = 0.6  # stop early once greedy dev accuracy reaches this share
-    warm_eval_every: int = 250  # steps between dev evaluations
+    warm_eval_every: int = 200  # steps between dev evaluations
     # reinforcement learning
     rl_steps: int = 100  # optimizer steps per RL stage
     prompts_per_step: int = 8  # problems per step, each rolled out group_size times
     group_size: int = 8  # rollouts per problem (G)
-    rl_lr: float = 1e-4  # AdamW learning rate
+    rl_lr: float = 2e-4  # AdamW learning rate
     weight_decay: float = 0.0  # AdamW weight decay in RL
     grad_clip: float = 1.0  # max global gradient norm
     temperature: float = 1.0  # rollout sampling temperature
     max_new_tokens: int = 256  # response length limit in tokens
     max_bad_steps: int = 5  # stop after this many non-finite losses in a row
     # eviction
-    delta: int = 16  # cadence in tokens
+    delta: int = 24  # cadence in tokens
     eps: float = 0.5  # target eviction rate
     block_size: int = 8  # entries per block
     window: int = 5  # recent queries that score the keys
@@ -103,8 +103,8 @@ class Config:
     interoception: bool = False  # put the eviction rate in the prompt, sampled per group
     ablation: str = "none"  # none, kv-dropout (plain causal update) or token-only (no eviction term)
     # evaluation and bookkeeping
-    n_eval: int = 500  # held-out problems per evaluated policy
-    eval_eps: str = "0.6,0.7"  # stricter rates at which the NGC model is also evaluated
+    n_eval: int = 300  # held-out problems per evaluated policy
+    eval_eps: str = "0.25,0.7"  # further rates for NGC and the baselines on the full-cache model (the trained eps is always in)
     dev_problems: int = 200  # training-pool problems held back for warm-start early stopping
     eval_every: int = 25  # RL steps between greedy dev evaluations
     ckpt_every: int = 25  # steps between checkpoints
@@ -173,6 +173,10 @@ def validate(cfg):
         raise ValueError(f"invalid group_size={cfg.group_size}: a group baseline needs at least 2 rollouts")
     for rate in eval_rates(cfg):
         EvictionConfig(eps=rate)
+        if cfg.interoception:
+            tasks.eps_tag(rate)  # the prompt can only carry rates on the tag grid
+    if cfg.interoception:
+        tasks.eps_tag(cfg.eps)
     if cfg.dev_problems >= cfg.n_train_problems:
         raise ValueError(f"dev_problems={cfg.dev_problems} leaves no training problems out of {cfg.n_train_problems}")
 
@@ -302,7 +306,7 @@ def warm_batch(examples, step, cfg, rt):
 def curriculum_eps(step, cfg):
     """Eviction rate at an RL step: a staircase of curriculum_stages levels up to cfg.eps.
 
-    Stage s holds eps * (s + 1) / S for the first 40% of its steps and blends
+    Stage s stays at eps * (s + 1) / S for the first 40% of its steps and blends
     linearly into the next level over the remaining 60%; the last stage holds
     the target.
     """
@@ -330,19 +334,20 @@ def make_optimizer(model, lr, weight_decay):
 
 
 def wrap(model, cfg, rt):
-    """The module the training step calls: compiled and/or DistributedDataParallel as configured."""
+    """Wrap the model for the training step: compiled and/or DistributedDataParallel, as configured."""
     train_model = torch.compile(model) if cfg.compile else model
     if rt.world > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(train_model)
     return train_model
 
 
-def check_finite(loss, bad, cfg, logger, stage, step):
-    """Count non-finite losses in a row; stop the run after cfg.max_bad_steps of them."""
-    if torch.isfinite(loss):
+def check_finite(loss, bad, cfg, rt, logger, stage, step):
+    """Count non-finite losses in a row (on any process); stop the run after cfg.max_bad_steps of them."""
+    value = all_mean(loss.item(), rt)
+    if math.isfinite(value):
         return 0
     bad += 1
-    logger.step(stage, dict(step=step, skipped=f"non-finite loss {loss.item()}", in_a_row=bad))
+    logger.step(stage, dict(step=step, skipped=f"non-finite loss {value}", in_a_row=bad))
     if bad >= cfg.max_bad_steps:
         raise SystemExit(f"{bad} non-finite losses in a row at {stage} step {step}; lower the learning rate "
                          f"(--warm-lr / --rl-lr) or --grad-clip and rerun with --resume")
@@ -367,22 +372,25 @@ def run_warm(cfg, rt, logger, train, dev, budget):
     train_model = wrap(model, cfg, rt)
     warmup = min(100, cfg.warm_steps // 10 + 1)
     bad, norm = 0, float("nan")
+
     bar = tqdm(range(step, cfg.warm_steps), desc="warm start", disable=not rt.main, initial=step, total=cfg.warm_steps)
     for step in bar:
         lr = cfg.warm_lr * min(1.0, (step + 1) / warmup) * (0.55 + 0.45 * math.cos(math.pi * step / cfg.warm_steps))
         for group in opt.param_groups:
             group["lr"] = lr
+
         x, y, mask = warm_batch(examples, step, cfg, rt)
         started = time.perf_counter()
         with rt.autocast():
             logits = train_model(x)
         loss = F.cross_entropy(logits.float()[mask], y[mask])
-        bad = check_finite(loss, bad, cfg, logger, "warm", step)
+        bad = check_finite(loss, bad, cfg, rt, logger, "warm", step)
         opt.zero_grad(set_to_none=True)
         if bad == 0:
             loss.backward()
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
+
         done = step + 1
         if done % 50 == 0 or done == cfg.warm_steps:
             logger.step("warm", dict(step=f"{done}/{cfg.warm_steps}", loss=all_mean(loss.item(), rt),
@@ -394,9 +402,9 @@ def run_warm(cfg, rt, logger, train, dev, budget):
             finished = acc >= cfg.warm_target
         if finished or done % cfg.ckpt_every == 0:
             save_stage(path, model, opt, done, finished, cfg, rt)
+        budget.tick()
         if finished:
             return
-        budget.tick()
 
 
 def run_rl(stage, cfg, rt, logger, train, dev, budget):
@@ -417,8 +425,12 @@ def run_rl(stage, cfg, rt, logger, train, dev, budget):
         problems = [rng.choice(train) for _ in range(cfg.prompts_per_step)][rt.rank::rt.world]
         target_eps = curriculum_eps(step, cfg) if evicting else 0.0
         # with interoception each group draws its own rate from the grid up to the curriculum's
-        rates = [rng.choice([r for r in tasks.EPS_GRID if r <= target_eps + 1e-9]) if cfg.interoception else target_eps
-                 for _ in problems]
+        if cfg.interoception:
+            grid = [r for r in tasks.EPS_GRID if r <= target_eps + 1e-9]
+            target_eps = grid[-1]
+            rates = [rng.choice(grid) for _ in problems]
+        else:
+            rates = [target_eps] * len(problems)
         generator = torch.Generator(device=rt.device).manual_seed(rng.getrandbits(62) + rt.rank)
 
         # rollouts: G per problem
@@ -446,7 +458,7 @@ def run_rl(stage, cfg, rt, logger, train, dev, budget):
 
         # update, unless the loss is not finite
         opt.zero_grad(set_to_none=True)
-        bad = check_finite(loss, bad, cfg, logger, stage, step)
+        bad = check_finite(loss, bad, cfg, rt, logger, stage, step)
         if bad:
             continue
         loss.backward()
@@ -526,10 +538,13 @@ def check_out_dir(cfg):
     out = Path(cfg.out)
     existing = sorted(out.glob("*.pt"))
     if existing and not cfg.resume:
-        raise SystemExit(f"{out} already holds checkpoints ({', '.join(p.name for p in existing)}); "
+        raise SystemExit(f"{out} already contains checkpoints ({', '.join(p.name for p in existing)}); "
                          "pass --resume to continue that run, or choose another --out")
     for path in existing:
-        saved = load_checkpoint(path)[1].get("config", {})
+        try:
+            saved = load_checkpoint(path)[1].get("config", {})
+        except ValueError as error:
+            raise SystemExit(str(error)) from None
         ignore = {"resume", "stop_after", "device", "wandb", "n_eval", "eval_eps", "compile"}
         changed = {k: (saved.get(k), v) for k, v in asdict(cfg).items() if k not in ignore and saved.get(k) != v}
         if changed:
@@ -559,10 +574,12 @@ def run_eval(cfg, rt, test):
         rows.append(row)
         return row
 
-    jobs = [("full", "none", 0.0), ("warm", "none", 0.0), ("ngc", "none", 0.0), ("ngc", "ngc-greedy", cfg.eps)]
-    jobs += [("ngc", "ngc-greedy", rate) for rate in eval_rates(cfg)]
+    # NGC and the baselines on the full-cache model at every rate; the baselines on the NGC model at the trained rate
     baselines = [name for name in SCORERS if name != "ngc"]
-    jobs += [("full", name, cfg.eps) for name in baselines] + [("ngc", name, cfg.eps) for name in baselines]
+    jobs = [("full", "none", 0.0), ("warm", "none", 0.0), ("ngc", "none", 0.0)]
+    for rate in sorted({cfg.eps, *eval_rates(cfg)}):
+        jobs += [("ngc", "ngc-greedy", rate)] + [("full", name, rate) for name in baselines]
+    jobs += [("ngc", name, cfg.eps) for name in baselines]
     reference = None
     for model_name, policy, eps in tqdm(jobs, desc="evaluate"):
         row = add(model_name, policy, eps, reference)
@@ -607,7 +624,7 @@ def plot(rows, path):
         return
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in rows:
-        marker = "o" if r["model"] == "ngc" else "s" if r["model"] == "full" else "^"
+        marker = {"ngc": "o", "full": "s"}.get(r["model"], "^")
         ax.errorbar(r["mean_peak_kv"], 100 * r["accuracy"], fmt=marker,
                     yerr=[[100 * (r["accuracy"] - r["ci95_low"])], [100 * (r["ci95_high"] - r["accuracy"])]], capsize=2)
         ax.annotate(f"{r['name']} ({r['model']}, {r['eps']:.2f})", (r["mean_peak_kv"], 100 * r["accuracy"]), fontsize=6)
