@@ -470,10 +470,14 @@ def load_checkpoint(path, map_location="cpu"):
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # torch raises several types for truncated or foreign files
-        raise ValueError(f"checkpoint {path} is corrupt or not a checkpoint of this project ({error}); "
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ValueError(f"checkpoint {path} is corrupt or not a checkpoint of this project ({reason}); "
                          "delete it and rerun, or pass another file") from error
     if not isinstance(state, dict) or "model" not in state or "model_config" not in state:
         raise ValueError(f"checkpoint {path} has no model weights or config; pass a file written by train.py")
-    model = GPT(GPTConfig(**state["model_config"]))
-    model.load_state_dict(state["model"])
+    try:
+        model = GPT(GPTConfig(**state["model_config"]))
+        model.load_state_dict(state["model"])
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise ValueError(f"checkpoint {path} does not match this version of model.py: {str(error).splitlines()[0]}") from error
     return model, state

@@ -28,6 +28,10 @@ import torch.nn.functional as F
 
 from model import attention_weights
 
+# A score no block mean can lose to, for entries a baseline always keeps (a block of
+# b entries with one such entry averages over 1e6 / b, far above any attention weight).
+KEEP = 1e6
+
 # A finite stand-in for minus infinity: exp() of it is exactly 0 in float32,
 # and unlike -inf it keeps logsumexp gradients free of NaN.
 NEG = -1e9
@@ -200,7 +204,7 @@ def score_streamingllm(x, n_sink=4):
     # StreamingLLM (Xiao et al., 2023): keep the first n_sink tokens (attention sinks) and the most recent ones.
     latest = x.pos.masked_fill(~x.valid, 0).max(1, keepdim=True).values  # (R, 1) so a row scores the same alone or in a batch
     recency = x.pos.float() / (latest + 1).float()
-    return torch.where(x.pos < n_sink, 2.0, recency)
+    return torch.where(x.pos < n_sink, KEEP, recency)
 
 
 def score_snapkv(x, kernel=7):
@@ -230,7 +234,7 @@ def score_knorm(x):
 def score_h2o(x):
     # H2O (Zhang et al., 2023): heavy hitters by attention accumulated over all queries so far, plus the recent window.
     recent = x.pos > (x.q_pos.max(1, keepdim=True).values - x.q.shape[2])
-    return torch.where(recent, x.attn_sum.new_tensor(1e6), x.attn_sum)
+    return torch.where(recent, x.attn_sum.new_tensor(KEEP), x.attn_sum)
 
 
 def score_tova(x):
@@ -252,7 +256,7 @@ def score_rkv(x, mix=0.5):
 def score_random(x):
     # Random eviction with the prompt always kept: a floor that any scorer should beat.
     noise = torch.rand(x.pos.shape, generator=x.generator, device=x.pos.device)
-    return torch.where(x.pos < x.prompt_len[:, None], 2.0, noise)
+    return torch.where(x.pos < x.prompt_len[:, None], KEEP, noise)
 
 
 SCORERS = {
@@ -339,6 +343,7 @@ def replay_eviction_logprobs(qs, ks, rounds, evict_time, cfg):
     """
     row, time = rounds["row"], rounds["time"]
     W, T = cfg.window, evict_time.shape[2]
+    # NOTE: k[row] copies every round's keys, so memory grows as rounds x T; long traces need chunking here.
     q_pos = time[:, None] - W + 1 + torch.arange(W, device=time.device)  # (R, W)
     q_idx = q_pos.clamp(min=0)
     k_pos = torch.arange(T, device=time.device).expand(len(row), T)  # (R, T)

@@ -36,7 +36,7 @@ class SamplingConfig:
     def __post_init__(self):
         if self.max_new_tokens < 1:
             raise ValueError(f"invalid max_new_tokens={self.max_new_tokens}: generate at least 1 token")
-        if self.temperature < 0:
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
             raise ValueError(f"invalid temperature={self.temperature}: use 0 (argmax) or a positive value")
         if self.top_k < 0:
             raise ValueError(f"invalid top_k={self.top_k}: use 0 (no limit) or a positive count")
@@ -213,13 +213,13 @@ def _collect(tokens, prompt_len, response_len, finished, logp, record, peak, pea
     )
 
 
-def replay(model, traj, ecfg, scfg, masked=True):
+def replay(model, traj, ecfg, scfg, masked=True, eviction=True):
     """Recompute the rollout's log-probabilities in one teacher-forced forward, on the autograd graph.
 
     Returns token log-probs (B, Tr) (0 past each response) and eviction
     log-probs (L, R). masked=False replays with a plain causal mask (the
     targeted KV dropout ablation); the eviction term then is not defined and
-    comes back empty.
+    comes back empty, as it does with eviction=False (no eviction term needed).
     """
     tokens, evict_time = traj.tokens, traj.evict_time
     B, T = tokens.shape
@@ -236,7 +236,7 @@ def replay(model, traj, ecfg, scfg, masked=True):
     token_lp = token_logprobs(picked, targets, scfg.temperature, scfg.top_k)
     token_lp = torch.where(j[None, :] < traj.response_len[:, None], token_lp, 0.0)
 
-    if not masked or traj.round_row.numel() == 0:
+    if not masked or not eviction or traj.round_row.numel() == 0:
         return token_lp, logits.new_zeros(len(qs), 0)
     rounds = dict(row=traj.round_row, time=traj.round_time, order=traj.round_order)
     return token_lp, replay_eviction_logprobs(qs, ks, rounds, evict_time, ecfg)
@@ -346,7 +346,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="Evaluate one eviction policy on held-out Countdown problems.")
     parser.add_argument("--ckpt", required=True, help="checkpoint written by train.py")
     parser.add_argument("--policy", default="ngc-greedy", help=f"one of: {', '.join(POLICIES)}")
-    parser.add_argument("--eps", type=float, default=0.5, help="eviction rate, in [0, 1)")
+    parser.add_argument("--eps", type=float, default=None, help="eviction rate, in [0, 1) (default: the checkpoint's)")
     parser.add_argument("--delta", type=int, default=None, help="cadence in tokens (default: the checkpoint's)")
     parser.add_argument("--block-size", type=int, default=None, help="entries per block (default: the checkpoint's)")
     parser.add_argument("--window", type=int, default=None, help="recent queries that score keys (default: the checkpoint's)")
@@ -367,16 +367,34 @@ def main(argv=None):
         model, state = load_checkpoint(args.ckpt)
     except (FileNotFoundError, ValueError) as error:
         parser.error(str(error))
-    saved = state.get("config", {})
-    pick = lambda value, key, default: value if value is not None else saved.get(key, default)
+    # Settings not given on the command line come from the training run, then from the defaults.
+    saved = dict(eps=0.5, delta=32, block_size=32, window=5, max_new_tokens=256, n_numbers=3, max_number=50,
+                 max_target=200, score_temperature=1.0)
+    saved.update(state.get("config", {}))
+    for key in ("eps", "delta", "block_size", "window", "max_new_tokens", "n_numbers"):
+        if getattr(args, key) is None:
+            setattr(args, key, saved[key])
+    for name in ("n", "batch_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"invalid --{name.replace('_', '-')} {getattr(args, name)}: it must be at least 1")
+    if args.show < 0:
+        parser.error(f"invalid --show {args.show}: give a count of 0 or more")
+    if args.json and not Path(args.json).parent.is_dir():
+        parser.error(f"the folder of --json {args.json} does not exist; create it first")
     try:
-        ecfg = EvictionConfig(delta=pick(args.delta, "delta", 32), eps=args.eps,
-                              block_size=pick(args.block_size, "block_size", 32), window=pick(args.window, "window", 5))
-        scfg = SamplingConfig(max_new_tokens=pick(args.max_new_tokens, "max_new_tokens", 256),
-                              temperature=args.temperature)
-        problems = tasks.make_problems(args.n, seed=args.seed, split="test", n_numbers=pick(args.n_numbers, "n_numbers", 3))
+        ecfg = EvictionConfig(delta=args.delta, eps=args.eps, block_size=args.block_size, window=args.window,
+                              score_temperature=saved["score_temperature"])
+        scfg = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+        problems = tasks.make_problems(args.n, seed=args.seed, split="test", n_numbers=args.n_numbers,
+                                       max_number=saved["max_number"], max_target=saved["max_target"])
+        if saved.get("interoception"):
+            tasks.eps_tag(args.eps)
     except ValueError as error:
         parser.error(str(error))
+    longest = max(len(tasks.prompt_tokens(p)) for p in problems) + 1
+    if longest + args.max_new_tokens > model.config.max_seq_len:
+        parser.error(f"--max-new-tokens {args.max_new_tokens} plus a {longest}-token prompt passes the model's "
+                     f"max_seq_len={model.config.max_seq_len}; generate at most {model.config.max_seq_len - longest} tokens")
     if args.show_layer is not None and not 0 <= args.show_layer < model.config.n_layer:
         parser.error(f"--show-layer {args.show_layer} is out of range: the model has {model.config.n_layer} layers")
     model.eval()

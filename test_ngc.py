@@ -446,6 +446,31 @@ def test_scores_batch_match_single_rows(policy):
             assert (in_batch[:n] - alone[:n]).abs().max() <= 1e-5, f"row {b}, layer {layer}"
 
 
+@pytest.mark.parametrize("block_size", [8, 16, 32])
+def test_streamingllm_keeps_sinks(block_size):
+    """Regression: sink scores used to be diluted by the block mean, so blocks of 16 or more evicted the sinks."""
+    model = tiny_gpt(seed=5)
+    cache, _ = filled_cache(model, [70, 90], n_decode=10, seed=5)
+    ecfg = EvictionConfig(delta=8, eps=0.5, block_size=block_size, window=3)
+    rows = torch.arange(2)
+    ngc.evict(cache, rows, ecfg, "streamingllm", prompt_len=torch.tensor([70, 90]))
+    for layer in range(model.config.n_layer):
+        for b in range(2):
+            kept = cache.pos[layer][b][cache.valid[layer][b]]
+            assert all(p in kept.tolist() for p in range(4)), (layer, b)
+
+
+def test_random_baseline_keeps_prompt():
+    model = tiny_gpt(seed=6)
+    cache, _ = filled_cache(model, [20, 12], n_decode=60, seed=6)
+    ecfg = EvictionConfig(delta=8, eps=0.5, block_size=8, window=3)
+    ngc.evict(cache, torch.arange(2), ecfg, "random", generator=seeded(0), prompt_len=torch.tensor([20, 12]))
+    for layer in range(model.config.n_layer):
+        for b, prompt in enumerate([20, 12]):
+            kept = cache.pos[layer][b][cache.valid[layer][b]].tolist()
+            assert all(p in kept for p in range(prompt)), (layer, b)
+
+
 def test_next_position_counts_evicted():
     model = tiny_gpt(seed=5)
     cache, rows = filled_cache(model, [7, 12, 4], n_decode=5, seed=5)

@@ -99,6 +99,7 @@ class Config:
     eps: float = 0.5  # target eviction rate
     block_size: int = 8  # entries per block
     window: int = 5  # recent queries that score the keys
+    score_temperature: float = 1.0  # block logits are mean attention weights / this (1.0: the raw scores)
     curriculum_stages: int = 3  # staircase steps of the eviction rate up to eps
     interoception: bool = False  # put the eviction rate in the prompt, sampled per group
     ablation: str = "none"  # none, kv-dropout (plain causal update) or token-only (no eviction term)
@@ -130,9 +131,10 @@ def parse_args(argv=None):
     for f in fields(Config):
         flag = "--" + f.name.replace("_", "-")
         if f.type is bool or isinstance(f.default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=comments.get(f.name))
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                                help=f"{comments.get(f.name)} (default: {f.default})")
         else:
-            parser.add_argument(flag, type=type(f.default), default=None, help=comments.get(f.name))
+            parser.add_argument(flag, type=type(f.default), default=None, help=f"{comments.get(f.name)} (default: {f.default})")
     args = parser.parse_args(argv)
 
     if args.preset not in PRESETS:
@@ -163,10 +165,18 @@ def _field_comments():
 
 def validate(cfg):
     """Raise ValueError naming the first invalid setting."""
-    EvictionConfig(cfg.delta, cfg.eps, cfg.block_size, cfg.window)
+    eviction_config(cfg, cfg.eps)
     SamplingConfig(cfg.max_new_tokens, cfg.temperature)
+    if not cfg.temperature > 0:
+        raise ValueError(f"invalid temperature={cfg.temperature}: RL needs sampled rollouts, so use a positive value")
     GPTConfig(vocab_size=tasks.VOCAB_SIZE, n_layer=cfg.n_layer, n_head=cfg.n_head, n_kv_head=cfg.n_kv_head, n_embd=cfg.n_embd)
-    for name in ("warm_batch", "rl_steps", "prompts_per_step", "n_eval", "curriculum_stages", "ckpt_every", "eval_every"):
+    for name in ("warm_lr", "rl_lr", "grad_clip"):
+        if not (math.isfinite(getattr(cfg, name)) and getattr(cfg, name) > 0):
+            raise ValueError(f"invalid {name}={getattr(cfg, name)}: it must be a positive number")
+    if not (math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0):
+        raise ValueError(f"invalid weight_decay={cfg.weight_decay}: use 0 or a positive number")
+    for name in ("warm_steps", "warm_batch", "warm_eval_every", "rl_steps", "prompts_per_step", "n_eval",
+                 "curriculum_stages", "ckpt_every", "eval_every", "dev_problems", "max_new_tokens"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"invalid {name}={getattr(cfg, name)}: it must be at least 1")
     if cfg.group_size < 2:
@@ -177,8 +187,17 @@ def validate(cfg):
             tasks.eps_tag(rate)  # the prompt can only carry rates on the tag grid
     if cfg.interoception:
         tasks.eps_tag(cfg.eps)
+    if cfg.device not in ("auto", "cpu") and not cfg.device.startswith("cuda"):
+        raise ValueError(f"invalid device={cfg.device!r}: use auto, cpu or cuda")
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={cfg.device!r} requested, but this torch build sees no CUDA GPU; use --device cpu")
     if cfg.dev_problems >= cfg.n_train_problems:
         raise ValueError(f"dev_problems={cfg.dev_problems} leaves no training problems out of {cfg.n_train_problems}")
+
+
+def eviction_config(cfg, eps):
+    """Build the run's EvictionConfig (cadence, block size, window, score temperature) at a given rate."""
+    return EvictionConfig(cfg.delta, eps, cfg.block_size, cfg.window, cfg.score_temperature)
 
 
 def eval_rates(cfg):
@@ -223,6 +242,10 @@ def setup_runtime(cfg):
     if "WORLD_SIZE" in os.environ:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         rank, world = dist.get_rank(), dist.get_world_size()
+        if cfg.prompts_per_step % world or cfg.warm_batch % world:
+            raise SystemExit(f"{world} processes need prompts_per_step ({cfg.prompts_per_step}) and warm_batch "
+                             f"({cfg.warm_batch}) to be multiples of {world}, so every process gets an equal share; "
+                             "change them or the number of processes")
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
             torch.cuda.set_device(device)
@@ -246,12 +269,13 @@ class Logger:
     def step(self, stage, record):
         if not self.active:
             return
-        record = dict(stage=stage, **record)
+        record = dict(stage=stage, **{k: None if isinstance(v, float) and math.isnan(v) else v for k, v in record.items()})
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         if self.wandb is not None:
             self.wandb.log({f"{stage}/{k}": v for k, v in record.items() if isinstance(v, (int, float))})
-        shown = " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items() if k != "stage")
+        fields_shown = [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items() if k != "stage"]
+        shown = " | ".join(fields_shown)
         tqdm.write(f"[{stage}] {shown}")
 
 
@@ -321,7 +345,7 @@ def curriculum_eps(step, cfg):
 
 
 def dev_accuracy(model, problems, cfg, rt, policy="none", eps=0.0):
-    ecfg = EvictionConfig(cfg.delta, eps, cfg.block_size, cfg.window)
+    ecfg = eviction_config(cfg, eps)
     scfg = SamplingConfig(cfg.max_new_tokens, temperature=0.0)
     with rt.autocast():
         row = evaluate(model, problems, policy, ecfg, scfg, seed=cfg.seed, full_peaks=torch.ones(len(problems)),
@@ -408,7 +432,11 @@ def run_warm(cfg, rt, logger, train, dev, budget):
 
 
 def run_rl(stage, cfg, rt, logger, train, dev, budget):
-    """Stages 2 and 3: Dr. GRPO with eviction rounds (stage "ngc") or with a full cache (stage "full")."""
+    """Stages 2 and 3: Dr. GRPO with eviction rounds (stage "ngc") or with a full cache (stage "full").
+
+    The logged acc is greedy dev accuracy at the curriculum's current rate, so
+    it moves with the rate as well as with learning.
+    """
     path = Path(cfg.out) / f"{stage}.pt"
     model, opt, step = start_stage(path, cfg, rt, Path(cfg.out) / "warm.pt", cfg.rl_lr, cfg.weight_decay)
     if step is None:
@@ -437,7 +465,7 @@ def run_rl(stage, cfg, rt, logger, train, dev, budget):
         rows = [(p, eps) for p, eps in zip(problems, rates) for _ in range(cfg.group_size)]
         prompts = [prompt_for(p, cfg, eps) for p, eps in rows]
         row_eps = torch.tensor([eps for _, eps in rows], device=rt.device)
-        ecfg = EvictionConfig(cfg.delta, max(rates), cfg.block_size, cfg.window)
+        ecfg = eviction_config(cfg, max(rates))
         with torch.no_grad(), rt.autocast():
             traj = generate(model, prompts, tasks.STOP_ID, "ngc" if evicting else "none", ecfg, scfg, generator, row_eps)
         reward = torch.tensor([tasks.countdown_reward(tasks.decode(traj.response(b)), list(p.numbers), p.target)
@@ -447,7 +475,8 @@ def run_rl(stage, cfg, rt, logger, train, dev, budget):
         grouped = reward.view(-1, cfg.group_size)
         advantage = (grouped - grouped.mean(1, keepdim=True)).view(-1)  # (B,)
         with rt.autocast():
-            token_lp, evict_lp = replay(train_model, traj, ecfg, scfg, masked=cfg.ablation != "kv-dropout")
+            token_lp, evict_lp = replay(train_model, traj, ecfg, scfg, masked=cfg.ablation != "kv-dropout",
+                                        eviction=eviction_term)
         objective = token_lp.float().sum(1) * advantage  # the stop token is in the sum, padding is 0
         if eviction_term and evict_lp.numel():
             L, B = evict_lp.shape[0], len(rows)
@@ -545,8 +574,11 @@ def check_out_dir(cfg):
             saved = load_checkpoint(path)[1].get("config", {})
         except ValueError as error:
             raise SystemExit(str(error)) from None
-        ignore = {"resume", "stop_after", "device", "wandb", "n_eval", "eval_eps", "compile"}
-        changed = {k: (saved.get(k), v) for k, v in asdict(cfg).items() if k not in ignore and saved.get(k) != v}
+        ignore = {"out", "resume", "stop_after", "device", "wandb", "n_eval", "eval_eps", "compile", "ckpt_every",
+                  "eval_every", "max_bad_steps"}
+        defaults = asdict(Config())  # a setting newer than the checkpoint compares as its default
+        changed = {k: (saved.get(k, defaults[k]), v) for k, v in asdict(cfg).items()
+                   if k not in ignore and saved.get(k, defaults[k]) != v}
         if changed:
             raise SystemExit(f"--resume with settings that differ from {path}: {changed}; use the original settings or another --out")
 
@@ -558,14 +590,14 @@ def check_out_dir(cfg):
 def run_eval(cfg, rt, test):
     """Stage 4: every policy on the held-out problems; write results.json, results.md and results.png."""
     out = Path(cfg.out)
-    ecfg = EvictionConfig(cfg.delta, cfg.eps, cfg.block_size, cfg.window)
+    ecfg = eviction_config(cfg, cfg.eps)
     scfg = SamplingConfig(cfg.max_new_tokens, temperature=0.0)
     models = {name: load_checkpoint(out / f"{name}.pt", map_location=rt.device)[0].to(rt.device).eval()
               for name in STAGES}
     rows = []
 
     def add(model_name, policy, eps, full_peaks):
-        e = EvictionConfig(cfg.delta, eps, cfg.block_size, cfg.window)
+        e = eviction_config(cfg, eps)
         with rt.autocast():
             row = evaluate(models[model_name], test, policy, e, scfg, seed=cfg.seed, full_peaks=full_peaks,
                            interoception=cfg.interoception)
@@ -603,7 +635,7 @@ def results_table(rows, cfg):
         f"cadence {cfg.delta}, block size {cfg.block_size}, window {cfg.window}.",
         "Peak-KV reduction: per problem, the full-cache upper bound's peak over the method's peak, then the mean.",
         "",
-        "| method | model | eps | accuracy | 95% CI | peak-KV reduction | mean peak KV (entries) | mean length |",
+        "| method | model | eps | accuracy | 95% CI | peak-KV reduction | mean peak KV (entries, all layers) | mean length |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
@@ -660,11 +692,11 @@ def main(argv=None):
     run_warm(cfg, rt, logger, train, dev, budget)
     for stage in ("ngc", "full"):
         run_rl(stage, cfg, rt, logger, train, dev, budget)
-    if rt.main:
-        run_eval(cfg, rt, test)
-    if rt.world > 1:
+    if rt.world > 1:  # the evaluation runs on one process, so the others leave now rather than wait
         dist.barrier()
         dist.destroy_process_group()
+    if rt.main:
+        run_eval(cfg, rt, test)
 
 
 if __name__ == "__main__":
