@@ -1568,6 +1568,18 @@ def test_ablation_flags_train(tmp_path, flags):
     assert math.isfinite(rl_steps[0]["loss"])
 
 
+def test_warm_checkpoint_seeds_new_settings(smoke_run, tmp_path):
+    out, _ = smoke_run
+    shutil.copy(out / "warm.pt", tmp_path / "warm.pt")
+    result = run_train(["--resume", "--eps", "0.3", "--stop-after", "1"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "warm.pt: finished earlier, skipped" in result.stdout
+
+    changed_model = run_train(["--resume", "--n-layer", "3"], tmp_path)
+    assert changed_model.returncode != 0
+    assert "n_layer" in changed_model.stderr
+
+
 def test_rerun_without_resume_rejected(smoke_run):
     out, _ = smoke_run
     result = run_train([], out)

@@ -55,6 +55,10 @@ from rollout import SamplingConfig, evaluate, format_row, generate, replay
 TASKS = ("countdown",)
 ABLATIONS = ("none", "kv-dropout", "token-only")
 STAGES = ("warm", "ngc", "full")
+# Settings the warm start depends on; a warm.pt from a run that agrees on these can seed new RL settings.
+WARM_FIELDS = ("task", "seed", "n_numbers", "max_number", "max_target", "n_train_problems", "n_layer", "n_embd",
+               "n_head", "n_kv_head", "warm_steps", "warm_batch", "warm_lr", "warm_target", "warm_eval_every",
+               "max_new_tokens", "interoception", "dev_problems", "grad_clip")
 
 
 @dataclass
@@ -274,7 +278,8 @@ class Logger:
             f.write(json.dumps(record) + "\n")
         if self.wandb is not None:
             self.wandb.log({f"{stage}/{k}": v for k, v in record.items() if isinstance(v, (int, float))})
-        fields_shown = [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items() if k != "stage"]
+        fields_shown = [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {'-' if v is None else v}"
+                        for k, v in record.items() if k != "stage"]
         shown = " | ".join(fields_shown)
         tqdm.write(f"[{stage}] {shown}")
 
@@ -563,7 +568,11 @@ def save_stage(path, model, opt, step, done, cfg, rt):
 
 
 def check_out_dir(cfg):
-    """Refuse to mix runs: without --resume the output folder must hold no checkpoint; with it, the same config."""
+    """Refuse to mix runs: without --resume the output folder must contain no checkpoint; with it, the same config.
+
+    warm.pt is compared only on the settings the warm start depends on, so a
+    copied warm.pt can seed RL with other settings.
+    """
     out = Path(cfg.out)
     existing = sorted(out.glob("*.pt"))
     if existing and not cfg.resume:
@@ -577,8 +586,9 @@ def check_out_dir(cfg):
         ignore = {"out", "resume", "stop_after", "device", "wandb", "n_eval", "eval_eps", "compile", "ckpt_every",
                   "eval_every", "max_bad_steps"}
         defaults = asdict(Config())  # a setting newer than the checkpoint compares as its default
-        changed = {k: (saved.get(k, defaults[k]), v) for k, v in asdict(cfg).items()
-                   if k not in ignore and saved.get(k, defaults[k]) != v}
+        compared = WARM_FIELDS if path.name == "warm.pt" else [k for k in defaults if k not in ignore]
+        changed = {k: (saved.get(k, defaults[k]), getattr(cfg, k)) for k in compared
+                   if saved.get(k, defaults[k]) != getattr(cfg, k)}
         if changed:
             raise SystemExit(f"--resume with settings that differ from {path}: {changed}; use the original settings or another --out")
 
