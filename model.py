@@ -36,7 +36,7 @@ class GPTConfig:
     n_kv_head: int = 2  # key/value heads (grouped-query attention); divides n_head
     n_embd: int = 128  # model width
     mlp_hidden: int = 0  # SwiGLU hidden width; 0 means about 8/3 of the width, rounded up to 32
-    max_seq_len: int = 1024  # longest sequence the rotary table covers
+    max_seq_len: int = 1024  # maximum sequence length the rotary table covers
     rope_theta: float = 10000.0  # rotary base
     qkv_bias: bool = True  # bias on q/k/v projections, as in Qwen2
     tie_embeddings: bool = True  # share the input embedding and the output head

@@ -407,12 +407,14 @@ def main(argv=None):
         row.pop("full_peaks")
         Path(args.json).write_text(json.dumps(row, indent=2))
     if args.show:
-        prompts = [tasks.prompt_tokens(p, ecfg.eps if saved.get("interoception") else None) for p in problems[:args.show]]
-        generator = torch.Generator().manual_seed(args.seed)
-        traj = generate(model, prompts, tasks.STOP_ID, args.policy, ecfg, scfg, generator)
-        for b in range(len(prompts)):
-            print(f"\n--- problem {b} ({traj.n_rounds[b].item()} rounds, peak {int(traj.peak_total[b])} entries) ---")
-            print(show_evictions(traj, b, args.show_layer))
+        shown = run_problems(model, problems[:args.show], args.policy, ecfg, scfg, args.batch_size, args.seed,
+                             saved.get("interoception", False))[3]
+        for batch_index, traj in enumerate(shown):
+            for b in range(traj.tokens.shape[0]):
+                problem_index = batch_index * args.batch_size + b
+                print(f"\n--- problem {problem_index} ({traj.n_rounds[b].item()} rounds, "
+                      f"peak {int(traj.peak_total[b])} entries) ---")
+                print(show_evictions(traj, b, args.show_layer))
 
 
 if __name__ == "__main__":

@@ -336,7 +336,7 @@ def curriculum_eps(step, cfg):
     """Eviction rate at an RL step: a staircase of curriculum_stages levels up to cfg.eps.
 
     Stage s stays at eps * (s + 1) / S for the first 40% of its steps and blends
-    linearly into the next level over the remaining 60%; the last stage holds
+    linearly into the next level over the remaining 60%; the last stage stays at
     the target.
     """
     S = cfg.curriculum_stages
