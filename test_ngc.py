@@ -27,6 +27,7 @@ import torch
 import ngc
 import rollout
 import tasks
+import train
 from model import GPT, GPTConfig, load_checkpoint, save_checkpoint
 from ngc import EvictionConfig
 from rollout import SamplingConfig
@@ -1496,6 +1497,32 @@ def test_checkpoint_round_trip(tmp_path):
 # The training job, run as users run it
 
 
+def test_packed_warm_batch_matches_each_trace_alone():
+    cfg, _ = train.parse_args(["--preset", "smoke"])
+    rt = train.Runtime(device=torch.device("cpu"), dtype=torch.float32, rank=0, world=1)
+    problems = tasks.make_problems(200, seed=0, split="train")
+    examples = [(tasks.prompt_tokens(p, None), tasks.encode(tasks.search_trace(p))) for p in problems]
+    examples = [(prompt, trace) for prompt, trace in examples if len(trace) <= cfg.max_new_tokens]
+    x, y, mask, visible = train.warm_batch(examples, 3, cfg, rt)
+    assert len(x) < cfg.warm_batch  # some rows hold several traces
+
+    model = tiny_gpt_for_tasks()
+    logits, _, _ = model(x, visible)
+    packed = logits.log_softmax(-1).gather(-1, y[..., None])[..., 0][mask]
+
+    rng = random.Random(f"{cfg.seed}:warm:3")  # the step's draw, as warm_batch makes it
+    drawn = [examples[rng.randrange(len(examples))] for _ in range(cfg.warm_batch)]
+    alone = []
+    for prompt, trace in drawn:
+        seq = torch.tensor([prompt + trace])
+        logp = model(seq)[0, len(prompt) - 1:-1].log_softmax(-1)
+        alone.append(logp.gather(-1, seq[0, len(prompt):, None]))
+    alone = torch.cat(alone)[:, 0]
+    assert mask.sum() == len(alone)
+    assert torch.allclose(packed.sum(), alone.sum(), atol=1e-3)
+    assert torch.allclose(packed.sort().values, alone.sort().values, atol=1e-4)
+
+
 def run_train(args, out, extra_env=None, timeout=600):
     """Run train.py in a subprocess; return the completed process."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", **(extra_env or {}))
@@ -1525,7 +1552,7 @@ def test_smoke_run_writes_results(smoke_run):
     out, result = smoke_run
     results = json.loads((out / "results.json").read_text())
     assert results["task"] == "countdown"
-    assert results["config"]["eps"] == 0.5
+    assert results["config"]["eps"] == train.Config().eps
     names = {(row["name"], row["model"]) for row in results["methods"]}
     assert ("none", "full") in names
     assert ("ngc", "ngc") in names
@@ -1600,6 +1627,13 @@ def test_unknown_task_lists_valid(tmp_path):
                             cwd=HERE, capture_output=True, text=True, timeout=60)
     assert result.returncode != 0
     assert "valid tasks: countdown" in result.stderr
+
+
+def test_too_few_problems_is_a_clear_error(tmp_path):
+    result = run_train(["--max-number", "3", "--max-target", "5"], tmp_path)
+    assert result.returncode != 0
+    assert "found only" in result.stderr and "--max-number" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not installed")

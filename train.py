@@ -99,17 +99,17 @@ class Config:
     max_new_tokens: int = 256  # response length limit in tokens
     max_bad_steps: int = 5  # stop after this many non-finite losses in a row
     # eviction
-    delta: int = 24  # cadence in tokens
-    eps: float = 0.5  # target eviction rate
+    delta: int = 8  # cadence in tokens
+    eps: float = 0.2  # target eviction rate
     block_size: int = 8  # entries per block
     window: int = 5  # recent queries that score the keys
-    score_temperature: float = 1.0  # block logits are mean attention weights / this (1.0: the raw scores)
+    score_temperature: float = 0.02  # block logits are mean attention weights / this (1.0: the raw scores)
     curriculum_stages: int = 3  # staircase steps of the eviction rate up to eps
     interoception: bool = False  # put the eviction rate in the prompt, sampled per group
     ablation: str = "none"  # none, kv-dropout (plain causal update) or token-only (no eviction term)
     # evaluation and bookkeeping
     n_eval: int = 300  # held-out problems per evaluated policy
-    eval_eps: str = "0.25,0.7"  # further rates for NGC and the baselines on the full-cache model (the trained eps is always in)
+    eval_eps: str = "0.15,0.25"  # further rates for NGC and the baselines on the full-cache model (the trained eps is always in)
     dev_problems: int = 200  # training-pool problems held back for warm-start early stopping
     eval_every: int = 25  # RL steps between greedy dev evaluations
     ckpt_every: int = 25  # steps between checkpoints
@@ -299,10 +299,12 @@ def all_mean(value, rt):
 
 def problem_pool(cfg):
     """Training problems, the dev slice held back for early stopping, and held-out test problems."""
-    pool = tasks.make_problems(cfg.n_train_problems, seed=cfg.seed, split="train", n_numbers=cfg.n_numbers,
-                               max_number=cfg.max_number, max_target=cfg.max_target)
-    test = tasks.make_problems(cfg.n_eval, seed=cfg.seed, split="test", n_numbers=cfg.n_numbers,
-                               max_number=cfg.max_number, max_target=cfg.max_target)
+    shape = dict(seed=cfg.seed, n_numbers=cfg.n_numbers, max_number=cfg.max_number, max_target=cfg.max_target)
+    try:
+        pool = tasks.make_problems(cfg.n_train_problems, split="train", **shape)
+        test = tasks.make_problems(cfg.n_eval, split="test", **shape)
+    except ValueError as error:  # too few distinct problems for the number ranges
+        raise SystemExit(f"{error} (flags --n-train-problems, --n-eval, --max-number, --max-target)") from None
     return pool[cfg.dev_problems:], pool[:cfg.dev_problems], test
 
 
@@ -311,21 +313,42 @@ def prompt_for(problem, cfg, eps):
 
 
 def warm_batch(examples, step, cfg, rt):
-    """Inputs, targets and a response-only loss mask for one warm-start step; the same step gives the same batch.
+    """Inputs, targets, a response-only loss mask and per-layer masks for one warm-start step.
 
-    examples are sorted by length, and a batch is a random run of neighbours,
-    so rows need little padding.
+    The step draws warm_batch random traces (the same step, the same draw) and
+    packs them first-fit into rows as long as the longest example. A token sees
+    only the earlier tokens of its own trace, so with rotary positions a packed
+    trace gives the same logits as the trace on its own, and one batch mixes
+    short and long searches with almost no padding.
     """
     rng = random.Random(f"{cfg.seed}:warm:{step}")
-    first = rng.randrange(len(examples) - cfg.warm_batch + 1)
-    seqs = examples[first:first + cfg.warm_batch][rt.rank::rt.world]
-    T = max(len(prompt) + len(trace) for prompt, trace in seqs)
-    idx = torch.zeros(len(seqs), T, dtype=torch.long)
-    loss_mask = torch.zeros(len(seqs), T, dtype=torch.bool)
-    for b, (prompt, trace) in enumerate(seqs):
-        idx[b, :len(prompt) + len(trace)] = torch.tensor(prompt + trace)
-        loss_mask[b, len(prompt) - 1:len(prompt) + len(trace) - 1] = True  # predict every trace token
-    return idx[:, :-1].to(rt.device), idx[:, 1:].to(rt.device), loss_mask[:, :-1].to(rt.device)
+    seqs = [examples[rng.randrange(len(examples))] for _ in range(cfg.warm_batch)][rt.rank::rt.world]
+    T = max(len(prompt) + len(trace) for prompt, trace in examples)
+    rows, fill = [], []  # rows[r]: the (prompt, trace) pairs packed into row r, fill[r]: tokens used
+    for prompt, trace in sorted(seqs, key=lambda pair: -len(pair[0]) - len(pair[1])):
+        n = len(prompt) + len(trace)
+        r = next((r for r in range(len(rows)) if fill[r] + n <= T), len(rows))
+        if r == len(rows):
+            rows.append([])
+            fill.append(0)
+        rows[r].append((prompt, trace))
+        fill[r] += n
+
+    idx = torch.zeros(len(rows), T, dtype=torch.long)
+    doc = torch.arange(T).repeat(len(rows), 1) + T  # (R, T) padding: each token its own document
+    loss_mask = torch.zeros(len(rows), T, dtype=torch.bool)
+    for r, pairs in enumerate(rows):
+        at = 0
+        for d, (prompt, trace) in enumerate(pairs):
+            n = len(prompt) + len(trace)
+            idx[r, at:at + n] = torch.tensor(prompt + trace)
+            doc[r, at:at + n] = d
+            loss_mask[r, at + len(prompt) - 1:at + n - 1] = True  # predict every trace token
+            at += n
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    visible = (causal & (doc[:, :, None] == doc[:, None, :]))[:, :-1, :-1]  # (R, T-1, T-1) [query, key]
+    x, y, loss_mask, visible = (t.to(rt.device) for t in (idx[:, :-1], idx[:, 1:], loss_mask[:, :-1], visible))
+    return x, y, loss_mask, [visible] * cfg.n_layer
 
 
 # ---------------------------------------------------------------------------
@@ -394,10 +417,10 @@ def run_warm(cfg, rt, logger, train, dev, budget):
     kept = [(prompt, trace) for prompt, trace in examples if len(trace) <= cfg.max_new_tokens]
     if rt.main:
         print(f"warm start on {len(kept)} traces; {len(examples) - len(kept)} longer than max_new_tokens are left out")
-    examples = sorted(kept, key=lambda pair: len(pair[0]) + len(pair[1]))
-    if len(examples) < cfg.warm_batch:
-        raise SystemExit(f"only {len(examples)} warm-start traces fit max_new_tokens={cfg.max_new_tokens}; "
-                         f"raise --n-train-problems or --max-new-tokens, or lower --warm-batch")
+    examples = kept
+    if not examples:
+        raise SystemExit(f"no warm-start trace fits max_new_tokens={cfg.max_new_tokens}; "
+                         f"raise --max-new-tokens or --n-train-problems")
     train_model = wrap(model, cfg, rt)
     warmup = min(100, cfg.warm_steps // 10 + 1)
     bad, norm = 0, float("nan")
@@ -408,10 +431,10 @@ def run_warm(cfg, rt, logger, train, dev, budget):
         for group in opt.param_groups:
             group["lr"] = lr
 
-        x, y, mask = warm_batch(examples, step, cfg, rt)
+        x, y, mask, visible = warm_batch(examples, step, cfg, rt)
         started = time.perf_counter()
         with rt.autocast():
-            logits = train_model(x)
+            logits, _, _ = train_model(x, visible)
         loss = F.cross_entropy(logits.float()[mask], y[mask])
         bad = check_finite(loss, bad, cfg, rt, logger, "warm", step)
         opt.zero_grad(set_to_none=True)
