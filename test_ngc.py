@@ -1497,14 +1497,14 @@ def test_checkpoint_round_trip(tmp_path):
 # The training job, run as users run it
 
 
-def test_packed_warm_batch_matches_each_trace_alone():
+def test_packed_warm_batch_matches_unpacked():
     cfg, _ = train.parse_args(["--preset", "smoke"])
     rt = train.Runtime(device=torch.device("cpu"), dtype=torch.float32, rank=0, world=1)
     problems = tasks.make_problems(200, seed=0, split="train")
     examples = [(tasks.prompt_tokens(p, None), tasks.encode(tasks.search_trace(p))) for p in problems]
     examples = [(prompt, trace) for prompt, trace in examples if len(trace) <= cfg.max_new_tokens]
     x, y, mask, visible = train.warm_batch(examples, 3, cfg, rt)
-    assert len(x) < cfg.warm_batch  # some rows hold several traces
+    assert len(x) < cfg.warm_batch  # some rows contain several traces
 
     model = tiny_gpt_for_tasks()
     logits, _, _ = model(x, visible)
@@ -1629,10 +1629,11 @@ def test_unknown_task_lists_valid(tmp_path):
     assert "valid tasks: countdown" in result.stderr
 
 
-def test_too_few_problems_is_a_clear_error(tmp_path):
+def test_too_few_problems_exits_cleanly(tmp_path):
     result = run_train(["--max-number", "3", "--max-target", "5"], tmp_path)
     assert result.returncode != 0
-    assert "found only" in result.stderr and "--max-number" in result.stderr
+    assert "found only" in result.stderr
+    assert "--max-number" in result.stderr
     assert "Traceback" not in result.stderr
 
 

@@ -30,6 +30,13 @@ Where this implementation departs from the paper:
    blocks instead of sampling them.
 5. The peak-KV reduction of every row is measured against the full-cache
    upper-bound model on the same problems.
+6. The block logits are the mean attention weights divided by a score
+   temperature (0.02 by default), where the paper adds the Gumbel noise to
+   the raw scores. Raw means lie in [0, 1/b], so the sampled keep sets would
+   be close to uniform and differ from the greedy top-k used in evaluation.
+7. Tokens are bytes, so the cadence (8) and window (5) span a few words,
+   and the rate is low (0.2): with b = 8, a round evicts one block once a
+   layer's cache reaches five blocks.
 """
 
 import argparse
@@ -92,7 +99,7 @@ class Config:
     rl_steps: int = 100  # optimizer steps per RL stage
     prompts_per_step: int = 8  # problems per step, each rolled out group_size times
     group_size: int = 8  # rollouts per problem (G)
-    rl_lr: float = 2e-4  # AdamW learning rate
+    rl_lr: float = 5e-5  # AdamW learning rate
     weight_decay: float = 0.0  # AdamW weight decay in RL
     grad_clip: float = 1.0  # max global gradient norm
     temperature: float = 1.0  # rollout sampling temperature
@@ -316,8 +323,8 @@ def warm_batch(examples, step, cfg, rt):
     """Inputs, targets, a response-only loss mask and per-layer masks for one warm-start step.
 
     The step draws warm_batch random traces (the same step, the same draw) and
-    packs them first-fit into rows as long as the longest example. A token sees
-    only the earlier tokens of its own trace, so with rotary positions a packed
+    packs them first-fit into rows as long as the longest example. A token attends
+    only to the earlier tokens of its own trace, so with rotary positions a packed
     trace gives the same logits as the trace on its own, and one batch mixes
     short and long searches with almost no padding.
     """
