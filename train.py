@@ -324,9 +324,9 @@ def warm_batch(examples, step, cfg, rt):
 
     The step draws warm_batch random traces (the same step, the same draw) and
     packs them first-fit into rows as long as the longest example. A token attends
-    only to the earlier tokens of its own trace, so with rotary positions a packed
-    trace gives the same logits as the trace on its own, and one batch mixes
-    short and long searches with almost no padding.
+    only to the earlier tokens of its own trace. With rotary positions, a packed
+    trace therefore gives the same logits as the trace on its own. One batch
+    mixes short and long searches with almost no padding.
     """
     rng = random.Random(f"{cfg.seed}:warm:{step}")
     seqs = [examples[rng.randrange(len(examples))] for _ in range(cfg.warm_batch)][rt.rank::rt.world]
