@@ -749,6 +749,17 @@ def test_invalid_setting_raises(make, kwargs, message):
         make(**kwargs)
 
 
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(evict_coef=-1.0), "evict_coef=-1.0"),
+    (dict(evict_coef=float("nan")), "evict_coef=nan"),
+    (dict(weight_decay=-0.1), "weight_decay=-0.1"),
+    (dict(group_size=1), "group_size=1"),
+])
+def test_train_config_invalid(kwargs, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        train.validate(train.Config(**kwargs))
+
+
 def test_generate_rejects_unknown_policy():
     with pytest.raises(ValueError, match="'lru'"):
         rollout.generate(tiny_gpt(), [[1, 2]], STOP, policy="lru")
@@ -1521,6 +1532,34 @@ def test_packed_warm_batch_matches_unpacked():
     assert mask.sum() == len(alone)
     assert torch.allclose(packed.sum(), alone.sum(), atol=1e-3)
     assert torch.allclose(packed.sort().values, alone.sort().values, atol=1e-4)
+
+
+def test_grpo_loss_formula():
+    """The loss equals the Dr. GRPO formula written out one rollout at a time."""
+    model = tiny_gpt(seed=20, n_layer=3)
+    ecfg = EvictionConfig(delta=6, eps=0.5, block_size=2, window=3)
+    scfg = SamplingConfig(max_new_tokens=30)
+    prompts = random_prompts([5, 5, 5, 9, 9, 9], seeded(20))
+    traj = rollout.generate(model, prompts, STOP, policy="ngc", ecfg=ecfg, scfg=scfg, generator=seeded(20))
+    token_lp, evict_lp = rollout.replay(model, traj, ecfg, scfg)
+    reward = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 0.0])
+    assert traj.n_rounds.min() > 0
+    assert len(set(traj.n_rounds.tolist())) > 1  # so a sum over rounds would differ from the mean
+
+    expected = 0.0
+    for i in range(6):
+        group = reward[3 * (i // 3):3 * (i // 3) + 3]
+        advantage = reward[i] - group.mean()
+        tokens = token_lp[i, :traj.response_len[i]].sum()
+        rounds = evict_lp[:, traj.round_row == i]  # (L, rounds of row i)
+        eviction = rounds.mean(1).sum()
+        expected = expected - advantage * (tokens + 2.5 * eviction) / 6
+
+    loss = train.grpo_loss(token_lp, evict_lp, traj, reward, group_size=3, evict_coef=2.5)
+    assert torch.allclose(loss, expected, atol=1e-5)
+    token_only = train.grpo_loss(token_lp, None, traj, reward, group_size=3)
+    assert torch.allclose(train.grpo_loss(token_lp, evict_lp, traj, reward, 3, evict_coef=0.0), token_only)
+    assert not torch.allclose(loss, token_only)
 
 
 def run_train(args, out, extra_env=None, timeout=600):

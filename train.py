@@ -31,12 +31,17 @@ Where this implementation departs from the paper:
 5. The peak-KV reduction of every row is measured against the full-cache
    upper-bound model on the same problems.
 6. The block logits are the mean attention weights divided by a score
-   temperature (0.02 by default), where the paper adds the Gumbel noise to
+   temperature (0.005 by default), where the paper adds the Gumbel noise to
    the raw scores. Raw means lie in [0, 1/b], so the sampled keep sets would
    be close to uniform and differ from the greedy top-k used in evaluation.
 7. Tokens are bytes, so the cadence (8) and window (5) span a few words,
    and the rate is low (0.2): with b = 8, a round evicts one block once a
    layer's cache reaches five blocks.
+8. The eviction term is weighted 16 times the token term (--evict-coef),
+   where the paper adds the two. The token term sums over about 60 tokens
+   and the eviction term averages over rounds. With equal weights the
+   eviction term's gradient is much the smaller, and a few hundred steps
+   barely move the keep policy.
 """
 
 import argparse
@@ -96,7 +101,7 @@ class Config:
     warm_target: float = 0.6  # stop early once greedy dev accuracy reaches this share
     warm_eval_every: int = 200  # steps between dev evaluations
     # reinforcement learning
-    rl_steps: int = 100  # optimizer steps per RL stage
+    rl_steps: int = 200  # optimizer steps per RL stage
     prompts_per_step: int = 8  # problems per step, each rolled out group_size times
     group_size: int = 8  # rollouts per problem (G)
     rl_lr: float = 5e-5  # AdamW learning rate
@@ -110,7 +115,8 @@ class Config:
     eps: float = 0.2  # target eviction rate
     block_size: int = 8  # entries per block
     window: int = 5  # recent queries that score the keys
-    score_temperature: float = 0.02  # block logits are mean attention weights / this (1.0: the raw scores)
+    score_temperature: float = 0.005  # block logits are mean attention weights / this (1.0: the raw scores)
+    evict_coef: float = 16.0  # weight of the eviction term in the loss (1.0 is the paper's plain sum)
     curriculum_stages: int = 3  # staircase steps of the eviction rate up to eps
     interoception: bool = False  # put the eviction rate in the prompt, sampled per group
     ablation: str = "none"  # none, kv-dropout (plain causal update) or token-only (no eviction term)
@@ -184,8 +190,9 @@ def validate(cfg):
     for name in ("warm_lr", "rl_lr", "grad_clip"):
         if not (math.isfinite(getattr(cfg, name)) and getattr(cfg, name) > 0):
             raise ValueError(f"invalid {name}={getattr(cfg, name)}: it must be a positive number")
-    if not (math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0):
-        raise ValueError(f"invalid weight_decay={cfg.weight_decay}: use 0 or a positive number")
+    for name in ("weight_decay", "evict_coef"):
+        if not (math.isfinite(getattr(cfg, name)) and getattr(cfg, name) >= 0):
+            raise ValueError(f"invalid {name}={getattr(cfg, name)}: use 0 or a positive number")
     for name in ("warm_steps", "warm_batch", "warm_eval_every", "rl_steps", "prompts_per_step", "n_eval",
                  "curriculum_stages", "ckpt_every", "eval_every", "dev_problems", "max_new_tokens"):
         if getattr(cfg, name) < 1:
@@ -466,6 +473,26 @@ def run_warm(cfg, rt, logger, train, dev, budget):
             return
 
 
+def grpo_loss(token_lp, evict_lp, traj, reward, group_size, evict_coef=1.0):
+    """Compute the Dr. GRPO loss of one step's rollouts. With evict_lp=None, the eviction term is left out.
+
+    token_lp (B, T) contains the replayed log-probs of the generated tokens (0
+    on padding), and evict_lp (L, R) those of each round's kept set. Rollouts
+    come in groups of group_size consecutive rows that share a problem.
+    """
+    # advantage: reward minus the group mean, no std division, no KL term
+    grouped = reward.float().view(-1, group_size)
+    advantage = (grouped - grouped.mean(1, keepdim=True)).view(-1)  # (B,)
+
+    objective = token_lp.float().sum(1) * advantage  # the stop token is in the sum, padding is 0
+    if evict_lp is not None and evict_lp.numel():
+        L, B = evict_lp.shape[0], token_lp.shape[0]
+        per_row = evict_lp.float().new_zeros(L, B).index_add(1, traj.round_row, evict_lp.float())  # (L, B)
+        per_row = per_row / traj.n_rounds.clamp(min=1)  # mean over the rollout's rounds
+        objective = objective + evict_coef * per_row.sum(0) * advantage  # summed over layers
+    return -objective.mean()  # a constant normaliser: the number of rollouts
+
+
 def run_rl(stage, cfg, rt, logger, train, dev, budget):
     """Stages 2 and 3: Dr. GRPO with eviction rounds (stage "ngc") or with a full cache (stage "full").
 
@@ -506,19 +533,10 @@ def run_rl(stage, cfg, rt, logger, train, dev, budget):
         reward = torch.tensor([tasks.countdown_reward(tasks.decode(traj.response(b)), list(p.numbers), p.target)
                                for b, (p, _) in enumerate(rows)], device=rt.device)
 
-        # Dr. GRPO: advantage = reward minus the group mean, no std division, no KL term
-        grouped = reward.view(-1, cfg.group_size)
-        advantage = (grouped - grouped.mean(1, keepdim=True)).view(-1)  # (B,)
         with rt.autocast():
             token_lp, evict_lp = replay(train_model, traj, ecfg, scfg, masked=cfg.ablation != "kv-dropout",
                                         eviction=eviction_term)
-        objective = token_lp.float().sum(1) * advantage  # the stop token is in the sum, padding is 0
-        if eviction_term and evict_lp.numel():
-            L, B = evict_lp.shape[0], len(rows)
-            per_row = evict_lp.float().new_zeros(L, B).index_add(1, traj.round_row, evict_lp.float())  # (L, B)
-            per_row = per_row / traj.n_rounds.clamp(min=1)  # mean over the rollout's rounds
-            objective = objective + per_row.sum(0) * advantage  # summed over layers
-        loss = -objective.mean()  # a constant normaliser: the number of rollouts
+        loss = grpo_loss(token_lp, evict_lp if eviction_term else None, traj, reward, cfg.group_size, cfg.evict_coef)
 
         # update, unless the loss is not finite
         opt.zero_grad(set_to_none=True)
