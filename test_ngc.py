@@ -1557,7 +1557,7 @@ def test_grpo_loss_formula():
 
     loss = train.grpo_loss(token_lp, evict_lp, traj, reward, group_size=3, evict_coef=2.5)
     assert torch.allclose(loss, expected, atol=1e-5)
-    token_only = train.grpo_loss(token_lp, None, traj, reward, group_size=3)
+    token_only = train.grpo_loss(token_lp, evict_lp[:, :0], traj, reward, group_size=3)  # replay's empty term
     assert torch.allclose(train.grpo_loss(token_lp, evict_lp, traj, reward, 3, evict_coef=0.0), token_only)
     assert not torch.allclose(loss, token_only)
 

@@ -39,9 +39,9 @@ Where this implementation departs from the paper:
    layer's cache reaches five blocks.
 8. The eviction term is weighted 16 times the token term (--evict-coef),
    where the paper adds the two. The token term sums over about 60 tokens
-   and the eviction term averages over rounds. With equal weights the
-   eviction term's gradient is much the smaller, and a few hundred steps
-   barely move the keep policy.
+   and the eviction term averages over rounds. With equal weights, the
+   eviction term's gradient is far smaller than the token term's, and a few
+   hundred steps barely move the keep policy.
 """
 
 import argparse
@@ -474,20 +474,23 @@ def run_warm(cfg, rt, logger, train, dev, budget):
 
 
 def grpo_loss(token_lp, evict_lp, traj, reward, group_size, evict_coef=1.0):
-    """Compute the Dr. GRPO loss of one step's rollouts. With evict_lp=None, the eviction term is left out.
+    """Compute the Dr. GRPO loss of one step's rollouts.
 
     token_lp (B, T) contains the replayed log-probs of the generated tokens (0
-    on padding), and evict_lp (L, R) those of each round's kept set. Rollouts
-    come in groups of group_size consecutive rows that share a problem.
+    on padding), and evict_lp (L, R) those of each round's kept set. An empty
+    evict_lp, as replay returns without an eviction term, leaves that term
+    out. Rollouts come in groups of group_size consecutive rows that share a
+    problem.
     """
     # advantage: reward minus the group mean, no std division, no KL term
     grouped = reward.float().view(-1, group_size)
     advantage = (grouped - grouped.mean(1, keepdim=True)).view(-1)  # (B,)
 
     objective = token_lp.float().sum(1) * advantage  # the stop token is in the sum, padding is 0
-    if evict_lp is not None and evict_lp.numel():
+    if evict_lp.numel():
+        evict_lp = evict_lp.float()
         L, B = evict_lp.shape[0], token_lp.shape[0]
-        per_row = evict_lp.float().new_zeros(L, B).index_add(1, traj.round_row, evict_lp.float())  # (L, B)
+        per_row = evict_lp.new_zeros(L, B).index_add(1, traj.round_row, evict_lp)  # (L, B)
         per_row = per_row / traj.n_rounds.clamp(min=1)  # mean over the rollout's rounds
         objective = objective + evict_coef * per_row.sum(0) * advantage  # summed over layers
     return -objective.mean()  # a constant normaliser: the number of rollouts
@@ -536,7 +539,7 @@ def run_rl(stage, cfg, rt, logger, train, dev, budget):
         with rt.autocast():
             token_lp, evict_lp = replay(train_model, traj, ecfg, scfg, masked=cfg.ablation != "kv-dropout",
                                         eviction=eviction_term)
-        loss = grpo_loss(token_lp, evict_lp if eviction_term else None, traj, reward, cfg.group_size, cfg.evict_coef)
+        loss = grpo_loss(token_lp, evict_lp, traj, reward, cfg.group_size, cfg.evict_coef)
 
         # update, unless the loss is not finite
         opt.zero_grad(set_to_none=True)
