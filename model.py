@@ -276,9 +276,9 @@ def attention_weights(q, k, mask):
     no key gets uniform weights, so callers must give such queries no weight.
     """
     B, H, Tq, D = q.shape
-    group = H // k.shape[1]
-    k = k.repeat_interleave(group, dim=1)  # (B, H, Tk, D)
-    logits = (q @ k.transpose(-2, -1)) / math.sqrt(D)  # (B, H, Tq, Tk)
+    Hkv, Tk = k.shape[1], k.shape[2]
+    grouped = q.reshape(B, Hkv, H // Hkv * Tq, D)  # query head h reads key head h // (H // Hkv)
+    logits = (grouped @ k.transpose(-2, -1)).view(B, H, Tq, Tk) / math.sqrt(D)  # (B, H, Tq, Tk)
     logits = logits.float().masked_fill(~mask, torch.finfo(torch.float32).min)
     return logits.softmax(-1)
 

@@ -70,6 +70,28 @@ class Trajectories:
         """Rounds per row, (B,)."""
         return torch.bincount(self.round_row, minlength=self.tokens.shape[0])
 
+    def select(self, rows):
+        """Return the rollouts at batch indices rows (n,) as a batch of their own, trimmed to its longest row.
+
+        Rounds of other rows are dropped and round_row is renumbered, so replay
+        and the loss treat the result like any batch. Trimming keeps every
+        eviction time at or past the new T meaning "never".
+        """
+        index = torch.full_like(self.prompt_len, -1)
+        index[rows] = torch.arange(len(rows), device=rows.device)
+        mine = index[self.round_row] >= 0  # (R,)
+        T = int((self.prompt_len[rows] + self.response_len[rows]).max())
+        Tr = int(self.response_len[rows].max())
+        return Trajectories(
+            tokens=self.tokens[rows, :T], prompt_len=self.prompt_len[rows], response_len=self.response_len[rows],
+            finished=self.finished[rows], truncated=self.truncated[rows], logp=self.logp[rows, :Tr],
+            evict_time=self.evict_time[:, rows, :T], round_row=index[self.round_row[mine]],
+            round_time=self.round_time[mine], round_order=self.round_order[:, mine],
+            round_blocks=self.round_blocks[:, mine], round_logp=self.round_logp[:, mine],
+            peak_entries=self.peak_entries[rows], peak_total=self.peak_total[rows],
+            bytes_per_entry=self.bytes_per_entry,
+        )
+
     def response(self, b):
         """Token ids of row b's response."""
         start = int(self.prompt_len[b])

@@ -315,6 +315,19 @@ def test_decode_matches_forward(n_kv_head):
     assert (torch.stack(cached) - full).abs().max() <= TOL
 
 
+@pytest.mark.parametrize("n_kv_head", [1, 2, 4])
+def test_attention_weights_match_sdpa(n_kv_head):
+    """The weights the scorers read, applied to the values, give torch's grouped-query attention."""
+    from model import attention_weights
+    g = seeded(3)
+    q, k, v = torch.randn(2, 4, 5, 8, generator=g), torch.randn(2, n_kv_head, 7, 8, generator=g), torch.randn(2, n_kv_head, 7, 8, generator=g)
+    mask = torch.rand(2, 1, 5, 7, generator=g) < 0.7
+    mask[..., 0] = True  # every query sees a key
+    weights = attention_weights(q, k, mask)  # (2, 4, 5, 7)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    assert (weights @ v.repeat_interleave(4 // n_kv_head, dim=1) - expected).abs().max() <= TOL
+
+
 def test_batched_decode_matches_unbatched():
     model = tiny_gpt(seed=2)
     generator = seeded(2)
@@ -1555,11 +1568,40 @@ def test_grpo_loss_formula():
         eviction = rounds.mean(1).sum()
         expected = expected - advantage * (tokens + 2.5 * eviction) / 6
 
-    loss = train.grpo_loss(token_lp, evict_lp, traj, reward, group_size=3, evict_coef=2.5)
+    advantage = train.group_advantage(reward, group_size=3)
+    loss = train.grpo_loss(token_lp, evict_lp, traj, advantage, n_rollouts=6, evict_coef=2.5)
     assert torch.allclose(loss, expected, atol=1e-5)
-    token_only = train.grpo_loss(token_lp, evict_lp[:, :0], traj, reward, group_size=3)  # replay's empty term
-    assert torch.allclose(train.grpo_loss(token_lp, evict_lp, traj, reward, 3, evict_coef=0.0), token_only)
+    token_only = train.grpo_loss(token_lp, evict_lp[:, :0], traj, advantage, 6)  # replay's empty term
+    assert torch.allclose(train.grpo_loss(token_lp, evict_lp, traj, advantage, 6, evict_coef=0.0), token_only)
     assert not torch.allclose(loss, token_only)
+
+
+def test_replay_batches_add_up():
+    """Replaying a step in length-sorted batches gives the whole batch's loss and gradients."""
+    ecfg = EvictionConfig(delta=6, eps=0.5, block_size=2, window=3)
+    scfg = SamplingConfig(max_new_tokens=30)
+    prompts = random_prompts([5, 5, 5, 9, 9, 9, 7, 7, 7], seeded(24))
+
+    def loss_and_grads(batches):
+        model = tiny_gpt(seed=24, n_layer=3)
+        traj = rollout.generate(model, prompts, STOP, policy="ngc", ecfg=ecfg, scfg=scfg, generator=seeded(24))
+        advantage = train.group_advantage(torch.tensor([1.0, 0, 0, 1, 1, 0, 0, 0, 1]), group_size=3)
+        total = 0.0
+        for rows in batches(traj):
+            part = traj.select(rows)
+            token_lp, evict_lp = rollout.replay(model, part, ecfg, scfg)
+            share = train.grpo_loss(token_lp, evict_lp, part, advantage[rows], 9, evict_coef=2.5)
+            share.backward()
+            total = total + share.detach()
+        return total, [p.grad.clone() for p in model.parameters()], traj
+
+    whole, whole_grads, traj = loss_and_grads(lambda traj: [torch.arange(9)])
+    assert len(set(traj.response_len.tolist())) > 2  # so the batches below trim different lengths
+    by_length = lambda traj: (traj.prompt_len + traj.response_len).argsort(stable=True).split(4)
+    parts, part_grads, _ = loss_and_grads(by_length)
+    assert torch.allclose(parts, whole, atol=1e-5)
+    for g_parts, g_whole in zip(part_grads, whole_grads):
+        assert (g_parts - g_whole).abs().max() <= TOL
 
 
 def run_train(args, out, extra_env=None, timeout=600):

@@ -45,6 +45,7 @@ Where this implementation departs from the paper:
 """
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -104,6 +105,7 @@ class Config:
     rl_steps: int = 200  # optimizer steps per RL stage
     prompts_per_step: int = 8  # problems per step, each rolled out group_size times
     group_size: int = 8  # rollouts per problem (G)
+    replay_batch: int = 16  # rollouts per replay forward and backward, grouped by length (fewer use less memory)
     rl_lr: float = 5e-5  # AdamW learning rate
     weight_decay: float = 0.0  # AdamW weight decay in RL
     grad_clip: float = 1.0  # max global gradient norm
@@ -134,7 +136,7 @@ PRESETS = {
     "smoke": dict(
         n_layer=2, n_embd=64, n_head=4, n_kv_head=2, n_train_problems=600, dev_problems=32,
         warm_steps=40, warm_batch=32, warm_eval_every=20, warm_target=1.0,
-        rl_steps=2, prompts_per_step=4, group_size=4, max_new_tokens=96,
+        rl_steps=2, prompts_per_step=4, group_size=4, replay_batch=6, max_new_tokens=96,
         n_eval=16, eval_eps="0.7", eval_every=1, ckpt_every=1,
     ),
 }
@@ -193,7 +195,7 @@ def validate(cfg):
     for name in ("weight_decay", "evict_coef"):
         if not (math.isfinite(getattr(cfg, name)) and getattr(cfg, name) >= 0):
             raise ValueError(f"invalid {name}={getattr(cfg, name)}: use 0 or a positive number")
-    for name in ("warm_steps", "warm_batch", "warm_eval_every", "rl_steps", "prompts_per_step", "n_eval",
+    for name in ("warm_steps", "warm_batch", "warm_eval_every", "rl_steps", "prompts_per_step", "replay_batch", "n_eval",
                  "curriculum_stages", "ckpt_every", "eval_every", "dev_problems", "max_new_tokens"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"invalid {name}={getattr(cfg, name)}: it must be at least 1")
@@ -407,6 +409,13 @@ def wrap(model, cfg, rt):
     return train_model
 
 
+def accumulating(train_model, last):
+    """Hold DistributedDataParallel's gradient all-reduce until a step's last backward pass."""
+    if last or not hasattr(train_model, "no_sync"):
+        return contextlib.nullcontext()
+    return train_model.no_sync()
+
+
 def check_finite(loss, bad, cfg, rt, logger, stage, step):
     """Count non-finite losses in a row (on any process); stop the run after cfg.max_bad_steps of them."""
     value = all_mean(loss.item(), rt)
@@ -473,19 +482,25 @@ def run_warm(cfg, rt, logger, train, dev, budget):
             return
 
 
-def grpo_loss(token_lp, evict_lp, traj, reward, group_size, evict_coef=1.0):
-    """Compute the Dr. GRPO loss of one step's rollouts.
+def group_advantage(reward, group_size):
+    """Return the Dr. GRPO advantages (B,): each reward minus its group's mean, with no std division.
+
+    Rollouts come in groups of group_size consecutive rows that share a problem.
+    """
+    grouped = reward.float().view(-1, group_size)
+    return (grouped - grouped.mean(1, keepdim=True)).view(-1)
+
+
+def grpo_loss(token_lp, evict_lp, traj, advantage, n_rollouts, evict_coef=1.0):
+    """Compute a batch's share of the Dr. GRPO loss (no KL term).
 
     token_lp (B, T) contains the replayed log-probs of the generated tokens (0
     on padding), and evict_lp (L, R) those of each round's kept set. An empty
     evict_lp, as replay returns without an eviction term, leaves that term
-    out. Rollouts come in groups of group_size consecutive rows that share a
-    problem.
+    out. advantage (B,) comes from group_advantage. The share is minus the
+    batch's summed objective over n_rollouts, the step's rollouts on this
+    process, so the shares of a step's replay batches add up to its loss.
     """
-    # advantage: reward minus the group mean, no std division, no KL term
-    grouped = reward.float().view(-1, group_size)
-    advantage = (grouped - grouped.mean(1, keepdim=True)).view(-1)  # (B,)
-
     objective = token_lp.float().sum(1) * advantage  # the stop token is in the sum, padding is 0
     if evict_lp.numel():
         evict_lp = evict_lp.float()
@@ -493,7 +508,7 @@ def grpo_loss(token_lp, evict_lp, traj, reward, group_size, evict_coef=1.0):
         per_row = evict_lp.new_zeros(L, B).index_add(1, traj.round_row, evict_lp)  # (L, B)
         per_row = per_row / traj.n_rounds.clamp(min=1)  # mean over the rollout's rounds
         objective = objective + evict_coef * per_row.sum(0) * advantage  # summed over layers
-    return -objective.mean()  # a constant normaliser: the number of rollouts
+    return -objective.sum() / n_rollouts  # a constant normaliser: the number of rollouts
 
 
 def run_rl(stage, cfg, rt, logger, train, dev, budget):
@@ -536,17 +551,24 @@ def run_rl(stage, cfg, rt, logger, train, dev, budget):
         reward = torch.tensor([tasks.countdown_reward(tasks.decode(traj.response(b)), list(p.numbers), p.target)
                                for b, (p, _) in enumerate(rows)], device=rt.device)
 
-        with rt.autocast():
-            token_lp, evict_lp = replay(train_model, traj, ecfg, scfg, masked=cfg.ablation != "kv-dropout",
-                                        eviction=eviction_term)
-        loss = grpo_loss(token_lp, evict_lp, traj, reward, cfg.group_size, cfg.evict_coef)
+        advantage = group_advantage(reward, cfg.group_size)
 
-        # update, unless the loss is not finite
+        # replay in batches of similar length and add up their gradients, then update unless the loss is not finite
         opt.zero_grad(set_to_none=True)
+        batches = (traj.prompt_len + traj.response_len).argsort(stable=True).split(cfg.replay_batch)
+        loss = 0.0
+        for i, batch in enumerate(batches):
+            part = traj.select(batch)
+            with accumulating(train_model, last=i == len(batches) - 1):
+                with rt.autocast():
+                    token_lp, evict_lp = replay(train_model, part, ecfg, scfg, masked=cfg.ablation != "kv-dropout",
+                                                eviction=eviction_term)
+                    share = grpo_loss(token_lp, evict_lp, part, advantage[batch], len(reward), cfg.evict_coef)
+                share.backward()
+            loss = loss + share.detach()
         bad = check_finite(loss, bad, cfg, rt, logger, stage, step)
         if bad:
             continue
-        loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
 
