@@ -767,6 +767,8 @@ def test_invalid_setting_raises(make, kwargs, message):
     (dict(evict_coef=float("nan")), "evict_coef=nan"),
     (dict(weight_decay=-0.1), "weight_decay=-0.1"),
     (dict(group_size=1), "group_size=1"),
+    (dict(curriculum_steps=-5), "curriculum_steps=-5"),
+    (dict(replay_batch=0), "replay_batch=0"),
 ])
 def test_train_config_invalid(kwargs, message):
     with pytest.raises(ValueError, match=re.escape(message)):
@@ -1545,6 +1547,21 @@ def test_packed_warm_batch_matches_unpacked():
     assert mask.sum() == len(alone)
     assert torch.allclose(packed.sum(), alone.sum(), atol=1e-3)
     assert torch.allclose(packed.sort().values, alone.sort().values, atol=1e-4)
+
+
+def test_curriculum_staircase():
+    """The rate climbs three levels to eps by curriculum_steps, holding then blending, and stays there."""
+    cfg = train.Config(eps=0.3, curriculum_stages=3, curriculum_steps=60)  # levels 0.1, 0.2, 0.3; 30 steps each
+    rates = [train.curriculum_eps(step, cfg) for step in range(100)]
+    assert rates[0] == pytest.approx(0.1)
+    assert rates[11] == pytest.approx(0.1)  # held for the first 40% of the level
+    assert rates[21] == pytest.approx(0.1 + 0.1 * (0.7 - 0.4) / 0.6)  # then blended
+    assert rates[30] == pytest.approx(0.2)
+    assert rates[59] == pytest.approx(0.2 + 0.1 * (59 / 30 - 1 - 0.4) / 0.6)
+    assert rates[60:] == [0.3] * 40
+    assert all(a <= b for a, b in zip(rates, rates[1:]))
+    assert train.curriculum_eps(0, train.Config(eps=0.3, curriculum_stages=1)) == 0.3
+    assert train.curriculum_eps(0, train.Config(eps=0.3, curriculum_steps=0)) == 0.3
 
 
 def test_grpo_loss_formula():

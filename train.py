@@ -119,7 +119,8 @@ class Config:
     window: int = 5  # recent queries that score the keys
     score_temperature: float = 0.005  # block logits are mean attention weights / this (1.0: the raw scores)
     evict_coef: float = 16.0  # weight of the eviction term in the loss (1.0 is the paper's plain sum)
-    curriculum_stages: int = 3  # staircase steps of the eviction rate up to eps
+    curriculum_stages: int = 3  # levels of the eviction-rate staircase, the last at eps (1: eps from the start)
+    curriculum_steps: int = 50  # RL steps until the rate reaches eps, where it then stays
     interoception: bool = False  # put the eviction rate in the prompt, sampled per group
     ablation: str = "none"  # none, kv-dropout (plain causal update) or token-only (no eviction term)
     # evaluation and bookkeeping
@@ -136,7 +137,7 @@ PRESETS = {
     "smoke": dict(
         n_layer=2, n_embd=64, n_head=4, n_kv_head=2, n_train_problems=600, dev_problems=32,
         warm_steps=40, warm_batch=32, warm_eval_every=20, warm_target=1.0,
-        rl_steps=2, prompts_per_step=4, group_size=4, replay_batch=6, max_new_tokens=96,
+        rl_steps=2, curriculum_steps=1, prompts_per_step=4, group_size=4, replay_batch=6, max_new_tokens=96,
         n_eval=16, eval_eps="0.7", eval_every=1, ckpt_every=1,
     ),
 }
@@ -199,6 +200,8 @@ def validate(cfg):
                  "curriculum_stages", "ckpt_every", "eval_every", "dev_problems", "max_new_tokens"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"invalid {name}={getattr(cfg, name)}: it must be at least 1")
+    if cfg.curriculum_steps < 0:
+        raise ValueError(f"invalid curriculum_steps={cfg.curriculum_steps}: use 0 (no curriculum) or a positive count")
     if cfg.group_size < 2:
         raise ValueError(f"invalid group_size={cfg.group_size}: a group baseline needs at least 2 rollouts")
     for rate in eval_rates(cfg):
@@ -372,18 +375,20 @@ def warm_batch(examples, step, cfg, rt):
 
 
 def curriculum_eps(step, cfg):
-    """Eviction rate at an RL step: a staircase of curriculum_stages levels up to cfg.eps.
+    """Return the eviction rate at an RL step: a staircase that reaches cfg.eps at step curriculum_steps.
 
-    Stage s stays at eps * (s + 1) / S for the first 40% of its steps and blends
-    linearly into the next level over the remaining 60%; the last stage stays at
-    the target.
+    Level s of S = curriculum_stages is eps * (s + 1) / S. Each level below
+    the last lasts curriculum_steps / (S - 1) steps: it holds for the first
+    40% of them and then blends linearly into the next level.
     """
     S = cfg.curriculum_stages
-    length = cfg.rl_steps / S
-    s = min(int(step // length), S - 1)
+    if S == 1 or step >= cfg.curriculum_steps:
+        return cfg.eps
+    length = cfg.curriculum_steps / (S - 1)
+    s = int(step // length)
     level = cfg.eps * (s + 1) / S
     into = step / length - s
-    if s == S - 1 or into < 0.4:
+    if into < 0.4:
         return level
     return level + (cfg.eps / S) * (into - 0.4) / 0.6
 
