@@ -322,7 +322,7 @@ def test_attention_weights_match_sdpa(n_kv_head):
     g = seeded(3)
     q, k, v = torch.randn(2, 4, 5, 8, generator=g), torch.randn(2, n_kv_head, 7, 8, generator=g), torch.randn(2, n_kv_head, 7, 8, generator=g)
     mask = torch.rand(2, 1, 5, 7, generator=g) < 0.7
-    mask[..., 0] = True  # every query sees a key
+    mask[..., 0] = True  # every query can attend to at least one key
     weights = attention_weights(q, k, mask)  # (2, 4, 5, 7)
     expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
     assert (weights @ v.repeat_interleave(4 // n_kv_head, dim=1) - expected).abs().max() <= TOL
