@@ -768,6 +768,7 @@ def test_invalid_setting_raises(make, kwargs, message):
     (dict(weight_decay=-0.1), "weight_decay=-0.1"),
     (dict(group_size=1), "group_size=1"),
     (dict(curriculum_steps=-5), "curriculum_steps=-5"),
+    (dict(rl_steps=40), "curriculum_steps=50: with rl_steps=40"),
     (dict(replay_batch=0), "replay_batch=0"),
 ])
 def test_train_config_invalid(kwargs, message):

@@ -202,6 +202,9 @@ def validate(cfg):
             raise ValueError(f"invalid {name}={getattr(cfg, name)}: it must be at least 1")
     if cfg.curriculum_steps < 0:
         raise ValueError(f"invalid curriculum_steps={cfg.curriculum_steps}: use 0 (no curriculum) or a positive count")
+    if cfg.curriculum_stages > 1 and cfg.curriculum_steps >= cfg.rl_steps:
+        raise ValueError(f"invalid curriculum_steps={cfg.curriculum_steps}: with rl_steps={cfg.rl_steps} the rate "
+                         f"would never reach eps; use --curriculum-steps below --rl-steps")
     if cfg.group_size < 2:
         raise ValueError(f"invalid group_size={cfg.group_size}: a group baseline needs at least 2 rollouts")
     for rate in eval_rates(cfg):
