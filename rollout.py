@@ -71,11 +71,12 @@ class Trajectories:
         return torch.bincount(self.round_row, minlength=self.tokens.shape[0])
 
     def select(self, rows):
-        """Return the rollouts at batch indices rows (n,) as a batch of their own, trimmed to its longest row.
+        """Return the rollouts at batch indices rows as a batch of their own, trimmed to its longest row.
 
-        Rounds of other rows are dropped and round_row is renumbered, so replay
-        and the loss treat the result like any batch. Trimming keeps every
-        eviction time at or past the new T meaning "never".
+        rows is a non-empty index tensor (n,). Rounds of other rows are
+        dropped and round_row is renumbered, so replay and the loss treat the
+        result like any batch. Trimming keeps every eviction time at or past
+        the new T meaning "never".
         """
         index = torch.full_like(self.prompt_len, -1)
         index[rows] = torch.arange(len(rows), device=rows.device)
