@@ -343,7 +343,7 @@ def replay_eviction_logprobs(qs, ks, rounds, evict_time, cfg):
     """
     row, time = rounds["row"], rounds["time"]
     W, T = cfg.window, evict_time.shape[2]
-    # k[row] copies every round's keys: memory grows as rounds x T, which --replay-batch bounds
+    # k[row] copies every round's keys, so memory grows as rounds x T. Callers replay a few rollouts at a time.
     q_pos = time[:, None] - W + 1 + torch.arange(W, device=time.device)  # (R, W)
     q_idx = q_pos.clamp(min=0)
     k_pos = torch.arange(T, device=time.device).expand(len(row), T)  # (R, T)

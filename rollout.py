@@ -93,6 +93,10 @@ class Trajectories:
             bytes_per_entry=self.bytes_per_entry,
         )
 
+    def length_batches(self, size):
+        """Split the row indices into batches of up to size rows, shortest rows first, for select."""
+        return (self.prompt_len + self.response_len).argsort(stable=True).split(size)
+
     def response(self, b):
         """Token ids of row b's response."""
         start = int(self.prompt_len[b])

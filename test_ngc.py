@@ -319,9 +319,11 @@ def test_decode_matches_forward(n_kv_head):
 def test_attention_weights_match_sdpa(n_kv_head):
     """The weights the scorers read, applied to the values, give torch's grouped-query attention."""
     from model import attention_weights
-    g = seeded(3)
-    q, k, v = torch.randn(2, 4, 5, 8, generator=g), torch.randn(2, n_kv_head, 7, 8, generator=g), torch.randn(2, n_kv_head, 7, 8, generator=g)
-    mask = torch.rand(2, 1, 5, 7, generator=g) < 0.7
+    generator = seeded(3)
+    q = torch.randn(2, 4, 5, 8, generator=generator)
+    k = torch.randn(2, n_kv_head, 7, 8, generator=generator)
+    v = torch.randn(2, n_kv_head, 7, 8, generator=generator)
+    mask = torch.rand(2, 1, 5, 7, generator=generator) < 0.7
     mask[..., 0] = True  # every query can attend to at least one key
     weights = attention_weights(q, k, mask)  # (2, 4, 5, 7)
     expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
@@ -1552,7 +1554,7 @@ def test_packed_warm_batch_matches_unpacked():
 
 def test_curriculum_staircase():
     """The rate climbs three levels to eps by curriculum_steps, holding then blending, and stays there."""
-    cfg = train.Config(eps=0.3, curriculum_stages=3, curriculum_steps=60)  # levels 0.1, 0.2, 0.3; 30 steps each
+    cfg = train.Config(eps=0.3, curriculum_stages=3, curriculum_steps=60)  # levels 0.1, 0.2 and 0.3, 30 steps each
     rates = [train.curriculum_eps(step, cfg) for step in range(100)]
     assert rates[0] == pytest.approx(0.1)
     assert rates[11] == pytest.approx(0.1)  # held for the first 40% of the level
@@ -1615,8 +1617,11 @@ def test_replay_batches_add_up():
 
     whole, whole_grads, traj = loss_and_grads(lambda traj: [torch.arange(9)])
     assert len(set(traj.response_len.tolist())) > 2  # so the batches below trim different lengths
-    by_length = lambda traj: (traj.prompt_len + traj.response_len).argsort(stable=True).split(4)
-    parts, part_grads, _ = loss_and_grads(by_length)
+    order = torch.cat(traj.length_batches(4))
+    assert sorted(order.tolist()) == list(range(9))
+    lengths = (traj.prompt_len + traj.response_len)[order]
+    assert bool((lengths[1:] >= lengths[:-1]).all())
+    parts, part_grads, _ = loss_and_grads(lambda traj: traj.length_batches(4))
     assert torch.allclose(parts, whole, atol=1e-5)
     for g_parts, g_whole in zip(part_grads, whole_grads):
         assert (g_parts - g_whole).abs().max() <= TOL

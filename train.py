@@ -563,7 +563,7 @@ def run_rl(stage, cfg, rt, logger, train, dev, budget):
 
         # replay in batches of similar length and add up their gradients, then update unless the loss is not finite
         opt.zero_grad(set_to_none=True)
-        batches = (traj.prompt_len + traj.response_len).argsort(stable=True).split(cfg.replay_batch)
+        batches = traj.length_batches(cfg.replay_batch)
         loss = 0.0
         for i, batch in enumerate(batches):
             part = traj.select(batch)
